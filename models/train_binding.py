@@ -1,0 +1,338 @@
+"""Train a small Llama from scratch on the binding task and export it in Hugging Face format.
+
+    python -m models.train_binding --config models/binding-tiny.yaml [--max-steps N] [--fresh]
+
+Programs stream fresh from `orchestrator.tasks.binding` (paper style, `a=5`), so no data set is
+stored. Two things make the lookup learnable on a CPU budget:
+
+* a length curriculum: programs start at a few lines and grow by `level_step` lines each time
+  the training accuracy on the final query passes `advance_at`, up to `max_seq_len`;
+* extra supervised lookups: in a fraction of the sequences, comment lines `#v:D` (v's value at
+  that point, under Python's semantics) are inserted between statements. Variables are drawn
+  with replacement and the program goes on after them, so answers cannot be found by crossing
+  off digits already given (the shortcut of appending every query at the end). The final query
+  stays the paper's format, and evaluation uses the paper's format only.
+
+The run directory holds `checkpoint.pt` (model, optimizer, curriculum, step) written at every
+evaluation, so a run can be stopped and resumed; `log.jsonl` holds the learning curve. The best
+model so far (by held-out accuracy on `max_seq_len`-line programs) is exported to `out_dir`, and
+the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-<phase>`.
+"""
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.evaluate import accuracy_report, greedy_next_tokens
+from models.tokenizer import build_char_tokenizer
+from orchestrator.tasks import binding
+
+logger = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """Everything that fixes a training run; stored in the checkpoint and the model card."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out_dir: str = "models/binding-tiny"
+    run_dir: str = "models/.runs/binding-tiny"
+    seed: int = 0
+    train_seed: int = 1_000  # program stream for training; evaluation uses other seeds
+    eval_seed: int = 7
+    eval_n: int = 512
+    n_layers: int = 6
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 300
+    weight_decay: float = 0.1
+    batch_size: int = 64
+    max_steps: int = 100_000
+    eval_every: int = 250
+    max_seq_len: int = 16
+    level_start: int = 4
+    level_step: int = 2
+    advance_at: float = 0.9
+    advance_window: int = 200
+    embed_fraction: float = 0.5
+    threads: int = 2
+    snapshot_at: dict[str, float] = {"heuristic": 0.55, "mid": 0.8}
+
+
+def _assignments(text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) of each statement of a paper-style program."""
+    return [tuple(line.split("=")) for line in text.split("\n")[:-1]]  # type: ignore[misc]
+
+
+def make_sequence(program: binding.Program, rng: random.Random, n_embedded: int) -> tuple[str, str]:
+    """The training text with `n_embedded` inserted lookups, and the answer of each query.
+
+    Returns:
+        `(text, answers)`: `text` ends with the program's own query line; `answers[k]` is the
+        answer of the k-th query line (embedded ones first, in order, then the final one).
+    """
+    lines = _assignments(program.text)
+    after = sorted(rng.sample(range(len(lines)), min(n_embedded, len(lines))))
+    env: dict[str, str] = {}
+    out: list[str] = []
+    answers: list[str] = []
+    for i, (lhs, rhs) in enumerate(lines):
+        env[lhs] = rhs if rhs.isdigit() else env[rhs]
+        out.append(f"{lhs}={rhs}")
+        if i in after:
+            var = rng.choice(sorted(env))
+            out.append(f"#{var}:{env[var]}")
+            answers.append(env[var])
+    out.append(program.text.rsplit("\n", 1)[1])
+    answers.append(program.answer)
+    return "\n".join(out), "".join(answers)
+
+
+class Trainer:
+    """Owns the model, optimizer, curriculum state and program counter of one run."""
+
+    def __init__(self, cfg: TrainConfig, fresh: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.tokenizer = build_char_tokenizer()
+        torch.manual_seed(cfg.seed)
+        self.model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=cfg.d_model,
+                intermediate_size=cfg.d_mlp,
+                num_hidden_layers=cfg.n_layers,
+                num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_heads,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                bos_token_id=self.tokenizer.bos_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        )
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+            lr=cfg.lr,
+            betas=(0.9, 0.98),
+        )
+        self.step = 0
+        self.level = cfg.level_start
+        self.recent: list[float] = []
+        self.best = -1.0
+        self.snapshots: dict[str, int] = {}
+        self.eval_programs = [
+            binding.generate(cfg.eval_seed, cfg.max_seq_len, i, style="paper")
+            for i in range(cfg.eval_n)
+        ]
+        if fresh and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        if (self.run_dir / "checkpoint.pt").exists():
+            self._load()
+
+    # -- state ----------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": self.cfg.model_dump(),
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "level": self.level,
+            "recent": self.recent,
+            "best": self.best,
+            "snapshots": self.snapshots,
+        }
+        tmp = self.run_dir / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run_dir / "checkpoint.pt")
+
+    def _load(self) -> None:
+        state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False)
+        saved = TrainConfig(**state["config"])
+        for key in ("n_layers", "d_model", "n_heads", "d_mlp", "seed", "train_seed"):
+            if getattr(saved, key) != getattr(self.cfg, key):
+                raise ValueError(
+                    f"{self.run_dir}/checkpoint.pt was trained with {key}={getattr(saved, key)!r}"
+                    f" but the config says {getattr(self.cfg, key)!r}; pass --fresh to start"
+                    " over, or point run_dir elsewhere"
+                )
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.level = state["step"], state["level"]
+        self.recent, self.best = state["recent"], state["best"]
+        self.snapshots = state["snapshots"]
+        logger.info("resumed %s at step %d (level %d)", self.run_dir, self.step, self.level)
+
+    # -- data -----------------------------------------------------------------------------
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids, labels (-100 except answer tokens), and the final-answer positions."""
+        cfg = self.cfg
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        texts: list[str] = []
+        for row in range(cfg.batch_size):
+            lo = max(1, math.ceil(self.level / 2))
+            seq_len = (
+                rng.randint(1, cfg.max_seq_len)
+                if rng.random() < 0.1
+                else rng.randint(lo, self.level)
+            )
+            program = binding.generate(
+                cfg.train_seed, seq_len, step * cfg.batch_size + row, style="paper"
+            )
+            n_embedded = (
+                rng.randint(1, max(1, seq_len // 2)) if rng.random() < cfg.embed_fraction else 0
+            )
+            text, answers = make_sequence(program, rng, n_embedded)
+            texts.append((text, answers))
+        return self._encode(texts)
+
+    def _encode(self, items: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+        colon = self.tokenizer.convert_tokens_to_ids(":")
+        pad = self.tokenizer.pad_token_id
+        seqs, labels, finals = [], [], []
+        for text, answers in items:
+            ids = self.tokenizer(text)["input_ids"] + [
+                self.tokenizer.convert_tokens_to_ids(answers[-1])
+            ]
+            lab = [-100] * len(ids)
+            # Every ':' closes a query line; the token after it is that query's answer.
+            query_ends = [i for i, t in enumerate(ids) if t == colon]
+            assert len(query_ends) == len(answers), f"{len(query_ends)} ':' vs {answers!r}"
+            for i in query_ends:
+                lab[i + 1] = ids[i + 1]
+            seqs.append(ids)
+            labels.append(lab)
+            finals.append(query_ends[-1])
+        width = max(map(len, seqs))
+        ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
+        lab_t = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for row, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
+            ids_t[row, : len(s)] = torch.tensor(s)
+            lab_t[row, : len(lab)] = torch.tensor(lab)
+        return ids_t, lab_t, torch.tensor(finals)
+
+    # -- loop -----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        cfg = self.cfg
+        ids, labels, finals = self.batch(self.step)
+        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        logits = self.model(
+            input_ids=ids, attention_mask=(ids != self.tokenizer.pad_token_id)
+        ).logits
+        # Position i predicts token i+1: shift labels left by one.
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100
+        )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        rows = torch.arange(ids.size(0))
+        acc = (logits[rows, finals].argmax(-1) == ids[rows, finals + 1]).float().mean().item()
+        return loss.item(), acc
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        preds = greedy_next_tokens(self.model, self.tokenizer, [p.text for p in self.eval_programs])
+        self.model.train()
+        return accuracy_report(self.eval_programs, preds)
+
+    def export(self, folder: Path) -> None:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / "training_state.json").write_text(
+            json.dumps({"step": self.step, "level": self.level, "config": self.cfg.model_dump()})
+        )
+        card = folder / "README.md"
+        if card.exists():
+            shutil.copy(card, tmp / "README.md")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    def run(self, max_steps: int) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads)
+        self.model.train()
+        log_path = self.run_dir / "log.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        bar = tqdm(initial=self.step, total=max_steps, desc="train", dynamic_ncols=True)
+        while self.step < max_steps:
+            loss, acc = self.train_step()
+            self.step += 1
+            self.recent = ([*self.recent, acc])[-cfg.advance_window :]
+            window_full = len(self.recent) == cfg.advance_window
+            passed = window_full and sum(self.recent) / len(self.recent) >= cfg.advance_at
+            if passed and self.level < cfg.max_seq_len:
+                self.level = min(cfg.max_seq_len, self.level + cfg.level_step)
+                self.recent = []
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", level=self.level)
+            if self.step % cfg.eval_every == 0 or self.step == max_steps:
+                report = self.evaluate()
+                row = {
+                    "step": self.step,
+                    "level": self.level,
+                    "loss": round(loss, 4),
+                    "train_acc": round(sum(self.recent) / max(1, len(self.recent)), 4),
+                    "wall_s": round(time.time() - start, 1),
+                    **{k: round(v, 4) for k, v in report.items()},
+                }
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.write(json.dumps(row))
+                if report["all"] > self.best:
+                    self.best = report["all"]
+                    self.export(Path(cfg.out_dir))
+                for phase, threshold in cfg.snapshot_at.items():
+                    if phase not in self.snapshots and report["all"] >= threshold:
+                        self.snapshots[phase] = self.step
+                        self.export(Path(f"{cfg.out_dir}-{phase}"))
+                self._save()
+        bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.train_binding", description=__doc__)
+    parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
+    parser.add_argument("--max-steps", type=int, help="stop at this step (resumable)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--fresh", action="store_true", help="discard the run directory first")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fields = yaml.safe_load(args.config.read_text()) if args.config else {}
+    if args.threads:
+        fields["threads"] = args.threads
+    try:
+        cfg = TrainConfig(**(fields or {}))
+    except ValueError as err:
+        parser.error(f"{args.config}: {err}")
+    trainer = Trainer(cfg, fresh=args.fresh)
+    trainer.run(args.max_steps or cfg.max_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
