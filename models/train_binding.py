@@ -5,8 +5,11 @@
 Programs stream fresh from `orchestrator.tasks.binding` (paper style, `a=5`), so no data set is
 stored. Two things make the lookup learnable on a CPU budget:
 
-* a length curriculum: programs start at a few lines and grow by `level_step` lines each time
-  the training accuracy on the final query passes `advance_at`, up to `max_seq_len`;
+* a curriculum of stages (`stages`): pure recall first (every line `v=D`, so the lookup is the
+  only way to the answer: no line-1 shortcut), then deeper chains and longer programs, up to the
+  full task. A stage ends when the training accuracy on the final query, over the last
+  `advance_window` steps, passes its `advance_at`; `mix_previous` of each batch keeps drawing
+  from earlier stages so that they are not forgotten;
 * extra supervised lookups: in a fraction of the sequences, comment lines `#v:D` (v's value at
   that point, under Python's semantics) are inserted between statements. Variables are drawn
   with replacement and the program goes on after them, so answers cannot be found by crossing
@@ -22,7 +25,6 @@ the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-<phas
 import argparse
 import json
 import logging
-import math
 import random
 import shutil
 import sys
@@ -40,6 +42,28 @@ from models.tokenizer import build_char_tokenizer
 from orchestrator.tasks import binding
 
 logger = logging.getLogger(__name__)
+
+
+class Stage(BaseModel):
+    """One step of the curriculum: which programs to draw, and when to move on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    max_depth: int = 4
+    p_var: float = binding.P_VAR
+    min_len: int = 1
+    max_len: int = 16
+    advance_at: float = 0.95  # training accuracy on the final query over `advance_window` steps
+
+
+DEFAULT_STAGES = [
+    Stage(name="recall", max_depth=1, p_var=0.05, min_len=2, max_len=8),
+    Stage(name="recall-16", max_depth=1, p_var=0.05, min_len=6, max_len=16),
+    Stage(name="depth-2", max_depth=2, p_var=0.3, min_len=4, max_len=16, advance_at=0.9),
+    Stage(name="depth-3", max_depth=3, p_var=0.4, min_len=8, max_len=16, advance_at=0.9),
+    Stage(name="full", max_depth=4, p_var=binding.P_VAR, min_len=12, max_len=16, advance_at=2.0),
+]
 
 
 class TrainConfig(BaseModel):
@@ -64,11 +88,11 @@ class TrainConfig(BaseModel):
     max_steps: int = 100_000
     eval_every: int = 250
     max_seq_len: int = 16
-    level_start: int = 4
-    level_step: int = 2
-    advance_at: float = 0.9
+    stages: list[Stage] = DEFAULT_STAGES
+    mix_previous: float = 0.2
     advance_window: int = 200
     embed_fraction: float = 0.5
+    embed_per_line: float = 0.5
     threads: int = 2
     snapshot_at: dict[str, float] = {"heuristic": 0.55, "mid": 0.8}
 
@@ -86,14 +110,14 @@ def make_sequence(program: binding.Program, rng: random.Random, n_embedded: int)
         answer of the k-th query line (embedded ones first, in order, then the final one).
     """
     lines = _assignments(program.text)
-    after = sorted(rng.sample(range(len(lines)), min(n_embedded, len(lines))))
+    after = [rng.randrange(len(lines)) for _ in range(n_embedded)]
     env: dict[str, str] = {}
     out: list[str] = []
     answers: list[str] = []
     for i, (lhs, rhs) in enumerate(lines):
         env[lhs] = rhs if rhs.isdigit() else env[rhs]
         out.append(f"{lhs}={rhs}")
-        if i in after:
+        for _ in range(after.count(i)):
             var = rng.choice(sorted(env))
             out.append(f"#{var}:{env[var]}")
             answers.append(env[var])
@@ -133,10 +157,11 @@ class Trainer:
             betas=(0.9, 0.98),
         )
         self.step = 0
-        self.level = cfg.level_start
+        self.stage = 0
         self.recent: list[float] = []
         self.best = -1.0
         self.snapshots: dict[str, int] = {}
+        self.wall_s = 0.0  # training time over all sessions of this run
         self.eval_programs = [
             binding.generate(cfg.eval_seed, cfg.max_seq_len, i, style="paper")
             for i in range(cfg.eval_n)
@@ -154,10 +179,11 @@ class Trainer:
             "model": self.model.state_dict(),
             "opt": self.opt.state_dict(),
             "step": self.step,
-            "level": self.level,
+            "stage": self.stage,
             "recent": self.recent,
             "best": self.best,
             "snapshots": self.snapshots,
+            "wall_s": self.wall_s,
         }
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(state, tmp)
@@ -175,10 +201,11 @@ class Trainer:
                 )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
-        self.step, self.level = state["step"], state["level"]
+        self.step, self.stage = state["step"], state["stage"]
         self.recent, self.best = state["recent"], state["best"]
         self.snapshots = state["snapshots"]
-        logger.info("resumed %s at step %d (level %d)", self.run_dir, self.step, self.level)
+        self.wall_s = state.get("wall_s", 0.0)
+        logger.info("resumed %s at step %d (stage %d)", self.run_dir, self.step, self.stage)
 
     # -- data -----------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,18 +214,21 @@ class Trainer:
         rng = random.Random(cfg.seed * 1_000_003 + step)
         texts: list[str] = []
         for row in range(cfg.batch_size):
-            lo = max(1, math.ceil(self.level / 2))
-            seq_len = (
-                rng.randint(1, cfg.max_seq_len)
-                if rng.random() < 0.1
-                else rng.randint(lo, self.level)
-            )
+            use = self.stage
+            if self.stage > 0 and rng.random() < cfg.mix_previous:
+                use = rng.randrange(self.stage)
+            stage = cfg.stages[use]
+            seq_len = rng.randint(stage.min_len, stage.max_len)
             program = binding.generate(
-                cfg.train_seed, seq_len, step * cfg.batch_size + row, style="paper"
+                cfg.train_seed + use,
+                seq_len,
+                step * cfg.batch_size + row,
+                style="paper",
+                max_depth=stage.max_depth,
+                p_var=stage.p_var,
             )
-            n_embedded = (
-                rng.randint(1, max(1, seq_len // 2)) if rng.random() < cfg.embed_fraction else 0
-            )
+            most = max(1, round(cfg.embed_per_line * seq_len))
+            n_embedded = rng.randint(1, most) if rng.random() < cfg.embed_fraction else 0
             text, answers = make_sequence(program, rng, n_embedded)
             texts.append((text, answers))
         return self._encode(texts)
@@ -263,7 +293,7 @@ class Trainer:
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
         (tmp / "training_state.json").write_text(
-            json.dumps({"step": self.step, "level": self.level, "config": self.cfg.model_dump()})
+            json.dumps({"step": self.step, "stage": self.stage, "config": self.cfg.model_dump()})
         )
         card = folder / "README.md"
         if card.exists():
@@ -277,27 +307,30 @@ class Trainer:
         self.model.train()
         log_path = self.run_dir / "log.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.time()
+        start = time.time() - self.wall_s
         bar = tqdm(initial=self.step, total=max_steps, desc="train", dynamic_ncols=True)
         while self.step < max_steps:
             loss, acc = self.train_step()
             self.step += 1
             self.recent = ([*self.recent, acc])[-cfg.advance_window :]
             window_full = len(self.recent) == cfg.advance_window
-            passed = window_full and sum(self.recent) / len(self.recent) >= cfg.advance_at
-            if passed and self.level < cfg.max_seq_len:
-                self.level = min(cfg.max_seq_len, self.level + cfg.level_step)
+            stage = cfg.stages[self.stage]
+            passed = window_full and sum(self.recent) / len(self.recent) >= stage.advance_at
+            if passed and self.stage < len(cfg.stages) - 1:
+                self.stage += 1
                 self.recent = []
+                bar.write(f"step {self.step}: stage {cfg.stages[self.stage].name}")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", level=self.level)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", stage=self.stage)
+            self.wall_s = time.time() - start
             if self.step % cfg.eval_every == 0 or self.step == max_steps:
                 report = self.evaluate()
                 row = {
                     "step": self.step,
-                    "level": self.level,
+                    "stage": cfg.stages[self.stage].name,
                     "loss": round(loss, 4),
                     "train_acc": round(sum(self.recent) / max(1, len(self.recent)), 4),
-                    "wall_s": round(time.time() - start, 1),
+                    "wall_s": round(self.wall_s, 1),
                     **{k: round(v, 4) for k, v in report.items()},
                 }
                 with log_path.open("a") as f:

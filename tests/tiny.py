@@ -1,0 +1,98 @@
+"""Tiny random models and tokenizers, built locally and saved to a folder, so that tests load
+them through the same `from_pretrained` path as a hub id. Nothing is downloaded."""
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from models.tokenizer import build_char_tokenizer
+from orchestrator.tasks import FAMILIES, iter_programs
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+
+
+def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 64):
+    """A 2-layer, d_model-64 config; Llama-likes use grouped-query attention (4 heads, 2 kv)."""
+    common = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if arch == "gpt2":
+        return GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=512, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            num_attention_heads=4,
+            intermediate_size=4 * d_model,
+            max_position_embeddings=512,
+            rotary_pct=0.5,
+            **common,
+        )
+    cls = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "mistral": MistralConfig,
+    }
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    return cls[arch](
+        num_hidden_layers=n_layers,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        **extra,
+        **common,
+    )
+
+
+def save_tiny_model(
+    folder: Path, arch: str, tokenizer=None, n_layers: int = 2, d_model: int = 64, seed: int = 0
+) -> Path:
+    """Build a random model of `arch` with `tokenizer` (default: char-level) into `folder`."""
+    tokenizer = tokenizer or build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), n_layers, d_model))
+    # Random init gives near-uniform logits; sharpen them so that answers and effects differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on generated programs (merges cross characters)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        p.text for task in sorted(FAMILIES) for p in iter_programs(task, seed=11, seq_len=8, n=200)
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
