@@ -23,6 +23,7 @@ the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-<phas
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import random
@@ -52,6 +53,9 @@ class Stage(BaseModel):
     name: str
     max_depth: int = 4
     p_var: float = binding.P_VAR
+    n_names: int = 26
+    copy_fraction: float = 0.0  # sequences that repeat the program (loss on the repeat)
+    colon: bool = True  # queries written `#v:` (evaluation's format) or `#v`
     min_len: int = 1
     max_len: int = 16
     advance_at: float = 0.95  # training accuracy on the final query over `advance_window` steps
@@ -102,28 +106,61 @@ def _assignments(text: str) -> list[tuple[str, str]]:
     return [tuple(line.split("=")) for line in text.split("\n")[:-1]]  # type: ignore[misc]
 
 
-def make_sequence(program: binding.Program, rng: random.Random, n_embedded: int) -> tuple[str, str]:
-    """The training text with `n_embedded` inserted lookups, and the answer of each query.
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training sequence: the text (answers written in) and which characters to predict."""
 
-    Returns:
-        `(text, answers)`: `text` ends with the program's own query line; `answers[k]` is the
-        answer of the k-th query line (embedded ones first, in order, then the final one).
+    text: str
+    targets: list[int]
+    final: int  # character index of the final query's answer
+
+
+def make_example(
+    program: binding.Program,
+    rng: random.Random,
+    n_embedded: int = 0,
+    colon: bool = True,
+    copy: bool = False,
+) -> Example:
+    """A training sequence built from one program.
+
+    Args:
+        program: a paper-style binding program.
+        rng: draws where lookups go and what they ask.
+        n_embedded: comment lines `#v:D` to insert after random statements (v drawn with
+            replacement among the variables assigned so far, D its value there).
+        colon: write queries `#v:` as evaluation does; without, `#v` (the answer is read at the
+            variable itself, one hop less for a model that has not learned the lookup yet).
+        copy: the statements twice, then the final query; the repeat is supervised.
     """
     lines = _assignments(program.text)
-    after = [rng.randrange(len(lines)) for _ in range(n_embedded)]
-    env: dict[str, str] = {}
-    out: list[str] = []
-    answers: list[str] = []
-    for i, (lhs, rhs) in enumerate(lines):
-        env[lhs] = rhs if rhs.isdigit() else env[rhs]
-        out.append(f"{lhs}={rhs}")
-        for _ in range(after.count(i)):
-            var = rng.choice(sorted(env))
-            out.append(f"#{var}:{env[var]}")
-            answers.append(env[var])
-    out.append(program.text.rsplit("\n", 1)[1])
-    answers.append(program.answer)
-    return "\n".join(out), "".join(answers)
+    mark = ":" if colon else ""
+    out, targets, length = [], [], 0
+
+    def emit(line: str, answer_at: int | None = None) -> None:
+        nonlocal length
+        if answer_at is not None:
+            targets.append(length + answer_at)
+        out.append(line)
+        length += len(line) + 1
+
+    if copy:
+        body = program.text.rsplit("\n", 1)[0]
+        emit(body)
+        start = length
+        emit(body)
+        targets.extend(range(start, start + len(body)))
+    else:
+        after = [rng.randrange(len(lines)) for _ in range(n_embedded)]
+        env: dict[str, str] = {}
+        for i, (lhs, rhs) in enumerate(lines):
+            env[lhs] = rhs if rhs.isdigit() else env[rhs]
+            emit(f"{lhs}={rhs}")
+            for _ in range(after.count(i)):
+                var = rng.choice(sorted(env))
+                emit(f"#{var}{mark}{env[var]}", answer_at=2 + len(mark))
+    emit(f"#{program.query}{mark}{program.answer}", answer_at=2 + len(mark))
+    return Example("\n".join(out), targets, targets[-1])
 
 
 class Trainer:
@@ -212,7 +249,7 @@ class Trainer:
         """Token ids, labels (-100 except answer tokens), and the final-answer positions."""
         cfg = self.cfg
         rng = random.Random(cfg.seed * 1_000_003 + step)
-        texts: list[str] = []
+        examples: list[Example] = []
         for row in range(cfg.batch_size):
             use = self.stage
             if self.stage > 0 and rng.random() < cfg.mix_previous:
@@ -226,30 +263,27 @@ class Trainer:
                 style="paper",
                 max_depth=stage.max_depth,
                 p_var=stage.p_var,
+                n_names=stage.n_names,
             )
+            copy = rng.random() < stage.copy_fraction
             most = max(1, round(cfg.embed_per_line * seq_len))
             n_embedded = rng.randint(1, most) if rng.random() < cfg.embed_fraction else 0
-            text, answers = make_sequence(program, rng, n_embedded)
-            texts.append((text, answers))
-        return self._encode(texts)
+            examples.append(make_example(program, rng, n_embedded, stage.colon, copy))
+        return self._encode(examples)
 
-    def _encode(self, items: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
-        colon = self.tokenizer.convert_tokens_to_ids(":")
+    def _encode(self, examples: list[Example]) -> tuple[torch.Tensor, ...]:
+        """Pad right; label the target characters (char-level: character c is token c + 1)."""
         pad = self.tokenizer.pad_token_id
         seqs, labels, finals = [], [], []
-        for text, answers in items:
-            ids = self.tokenizer(text)["input_ids"] + [
-                self.tokenizer.convert_tokens_to_ids(answers[-1])
-            ]
+        for ex in examples:
+            ids = self.tokenizer(ex.text)["input_ids"]
+            assert len(ids) == len(ex.text) + 1, "the trainer assumes a char-level tokenizer"
             lab = [-100] * len(ids)
-            # Every ':' closes a query line; the token after it is that query's answer.
-            query_ends = [i for i, t in enumerate(ids) if t == colon]
-            assert len(query_ends) == len(answers), f"{len(query_ends)} ':' vs {answers!r}"
-            for i in query_ends:
-                lab[i + 1] = ids[i + 1]
+            for c in ex.targets:
+                lab[c + 1] = ids[c + 1]
             seqs.append(ids)
             labels.append(lab)
-            finals.append(query_ends[-1])
+            finals.append(ex.final)  # the token before the answer predicts it
         width = max(map(len, seqs))
         ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
         lab_t = torch.full((len(seqs), width), -100, dtype=torch.long)

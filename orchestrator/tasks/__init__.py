@@ -60,7 +60,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("binding", binding.generate, 1, tuple(binding.DIGITS), ("max_depth", "p_var")),
+        Family(
+            "binding", binding.generate, 1, tuple(binding.DIGITS), ("max_depth", "p_var", "n_names")
+        ),
         Family("range", range_loop.generate, range_loop.MIN_SEQ_LEN, range_loop.CANDIDATES),
         Family("increments", increments.generate, increments.MIN_SEQ_LEN, increments.CANDIDATES),
         Family("boolean", boolean.generate, boolean.MIN_SEQ_LEN, boolean.CANDIDATES),

@@ -41,11 +41,11 @@ class _Line:
     rhs: str  # a digit or a variable name
 
 
-def _draw_lines(rng: random.Random, seq_len: int, p_var: float) -> list[_Line]:
+def _draw_lines(rng: random.Random, seq_len: int, p_var: float, names: str) -> list[_Line]:
     lines: list[_Line] = []
     assigned: list[str] = []  # in first-assignment order: deterministic, unlike a set
     for _ in range(seq_len):
-        lhs = rng.choice(LETTERS)
+        lhs = rng.choice(names)
         sources = [v for v in assigned if v != lhs]
         if sources and rng.random() < p_var:
             rhs = rng.choice(sources)
@@ -87,6 +87,7 @@ def generate(
     style: Style = "seed",
     max_depth: int = MAX_DEPTH,
     p_var: float = P_VAR,
+    n_names: int = len(LETTERS),
 ) -> Program:
     """The binding program number `index` of the (seed, seq_len) stream.
 
@@ -97,6 +98,8 @@ def generate(
         style: `seed` writes `a = 5`, `paper` writes `a=5`.
         max_depth: deepest query chain (1-4, as in the paper).
         p_var: probability that a line copies an assigned variable rather than a digit.
+        n_names: variables are drawn from the first `n_names` letters (2-26); fewer names mean
+            more reassignment (a training curriculum uses few names first).
 
     Returns:
         A `Program` with its counterfactual (the root value changed), depth, root line,
@@ -104,7 +107,7 @@ def generate(
         `query_var`, `final_colon`.
 
     Raises:
-        ValueError: bad seq_len, style, max_depth or p_var.
+        ValueError: bad seq_len, style, max_depth, p_var or n_names.
     """
     check_seq_len(NAME, seq_len, minimum=1)
     style = check_style(style)
@@ -112,10 +115,13 @@ def generate(
         raise ValueError(f"binding: max_depth={max_depth} must be between 1 and {MAX_DEPTH}")
     if not 0.0 < p_var < 1.0:
         raise ValueError(f"binding: p_var={p_var} must be strictly between 0 and 1")
+    if not 2 <= n_names <= len(LETTERS):
+        raise ValueError(f"binding: n_names={n_names} must be between 2 and {len(LETTERS)}")
+    pool = LETTERS[:n_names]
     rng = program_rng(seed, NAME, seq_len, index)
     target = 1 + index % min(max_depth, seq_len)
     for _ in range(MAX_ATTEMPTS):
-        lines = _draw_lines(rng, seq_len, p_var)
+        lines = _draw_lines(rng, seq_len, p_var, pool)
         names = sorted({line.lhs for line in lines})
         chains = {v: chain_of(lines, v) for v in names}
         candidates = [v for v in names if len(chains[v]) == target]

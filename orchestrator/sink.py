@@ -1,0 +1,219 @@
+"""The results directory: atomic Parquet writes, resume bookkeeping, run metadata.
+
+    results/<run>/spec.yaml, run.json, programs.parquet, failures.jsonl
+    results/<run>/behavior/model=<m>/task=<t>/<shard>.parquet
+    results/<run>/patching/model=<m>/site=<s>/<shard>.parquet
+    results/<run>/skipped/model=<m>/<shard>.parquet   (pairs that could not be patched)
+
+Every file is written under `.tmp/` (outside every reader's glob) and then renamed into place,
+so a reader sees a shard's file whole or not at all, and a shard whose file exists is done.
+A shard split after running out of memory writes parts `<id>.part<k>of<n>.parquet`; the shard is
+done when its parts tile it.
+"""
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterable
+from fractions import Fraction
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.shards import Shard, escape_model
+from orchestrator.spec import Spec
+from orchestrator.tasks import Program, iter_programs
+
+PROGRAMS_SCHEMA = pa.schema(
+    [
+        ("task", pa.string()),
+        ("seq_len", pa.int32()),
+        ("program", pa.int64()),
+        ("text", pa.string()),
+        ("answer", pa.string()),
+        ("query", pa.string()),
+        ("cf_text", pa.string()),
+        ("cf_answer", pa.string()),
+        ("depth", pa.int32()),
+        ("root_line", pa.int32()),
+        ("heuristic", pa.bool_()),
+        ("spans", pa.map_(pa.string(), pa.list_(pa.int32()))),
+    ]
+)
+_PART = re.compile(r"[0-9a-f]+\.part(?P<k>\d+)of(?P<of>\d+)\.parquet")
+PACKAGES = ("torch", "transformers", "nnsight", "ray", "pyarrow", "duckdb", "vllm", "bitsandbytes")
+
+
+class SinkError(OSError):
+    """A result could not be written; nothing partial was left in place."""
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+class ResultsDir:
+    """One run's folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp = self.root / ".tmp"
+
+    # -- atomic writes ----------------------------------------------------------------------
+    def _atomic(self, target: Path, write) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = self.tmp / f"{target.name}.{uuid.uuid4().hex}"
+        try:
+            write(scratch)
+            os.replace(scratch, target)
+        except OSError as err:
+            scratch.unlink(missing_ok=True)
+            raise SinkError(
+                f"could not write {target}: {err.strerror or err}; nothing partial was kept. "
+                "Fix: free disk space (or point --output elsewhere) and rerun: finished shards "
+                "are kept and skipped"
+            ) from err
+
+    def write_table(self, target: Path, table: pa.Table) -> None:
+        self._atomic(target, lambda path: pq.write_table(table, path))
+
+    def write_text(self, target: Path, text: str) -> None:
+        self._atomic(target, lambda path: path.write_text(text))
+
+    # -- shards -----------------------------------------------------------------------------
+    def shard_path(self, shard: Shard) -> Path:
+        return self.root / shard.rel_dir() / f"{shard.file_stem}.parquet"
+
+    def skipped_path(self, shard: Shard) -> Path:
+        model = f"model={escape_model(shard.model)}"
+        return self.root / "skipped" / model / f"{shard.kind}-{shard.file_stem}.parquet"
+
+    def _parts(self, shard: Shard) -> list[Path]:
+        folder = self.root / shard.rel_dir()
+        return sorted(folder.glob(f"{shard.id}.part*of*.parquet")) if folder.exists() else []
+
+    def is_done(self, shard: Shard) -> bool:
+        """The shard's file exists, or its split parts tile it."""
+        if self.shard_path(shard).exists():
+            return True
+        covered = Fraction(0)
+        for path in self._parts(shard):
+            match = _PART.fullmatch(path.name)
+            if match:
+                covered += Fraction(1, int(match["of"]))
+        return covered == 1
+
+    def clear_parts(self, shard: Shard) -> None:
+        """Remove part files of a shard about to be run whole (so no row is written twice)."""
+        for path in self._parts(shard):
+            path.unlink(missing_ok=True)
+
+    def write_shard(self, shard: Shard, table: pa.Table, skipped: pa.Table | None = None) -> Path:
+        """Write a finished shard (its skipped programs first, then its rows)."""
+        if skipped is not None and skipped.num_rows:
+            self.write_table(self.skipped_path(shard), skipped)
+        path = self.shard_path(shard)
+        self.write_table(path, table)
+        return path
+
+    def record_failure(self, shard: Shard, error: str, attempts: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "failures.jsonl").open("a") as f:
+            row = {
+                "shard": shard.file_stem,
+                "attempts": attempts,
+                "error": error,
+                "time": now(),
+                **dataclasses.asdict(shard),
+            }
+            f.write(json.dumps(row, default=list) + "\n")
+
+    # -- run metadata -----------------------------------------------------------------------
+    def start(self, spec: Spec, spec_text: str, fresh: bool) -> None:
+        """Prepare the folder: wipe it for `--fresh`, drop stale temporaries, save the spec."""
+        if fresh and self.root.exists():
+            shutil.rmtree(self.root)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "failures.jsonl").unlink(missing_ok=True)
+        self.write_text(self.root / "spec.yaml", spec_text)
+        if not (self.root / "programs.parquet").exists():
+            self.write_programs(spec)
+
+    def write_programs(self, spec: Spec) -> None:
+        """Every program of the sweep, streamed to Parquet in batches."""
+        target = self.root / "programs.parquet"
+
+        def write(path: Path) -> None:
+            with pq.ParquetWriter(path, PROGRAMS_SCHEMA) as writer:
+                for task in spec.tasks:
+                    for seq_len in task.seq_lens:
+                        batch = iter_programs(
+                            task.family, spec.seed, seq_len, task.n, **task.options
+                        )
+                        writer.write_table(programs_table(batch))
+
+        self._atomic(target, write)
+
+    def write_run(self, info: dict[str, Any]) -> None:
+        self.write_text(self.root / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+    def failures(self) -> list[dict[str, Any]]:
+        path = self.root / "failures.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def programs_table(programs: Iterable[Program]) -> pa.Table:
+    rows: dict[str, list] = {f.name: [] for f in PROGRAMS_SCHEMA}
+    for p in programs:
+        rows["task"].append(p.task)
+        rows["seq_len"].append(p.seq_len)
+        rows["program"].append(p.index)
+        for key in (
+            "text",
+            "answer",
+            "query",
+            "cf_text",
+            "cf_answer",
+            "depth",
+            "root_line",
+            "heuristic",
+        ):
+            rows[key].append(getattr(p, key))
+        rows["spans"].append([(k, list(v)) for k, v in p.spans.items()])
+    return pa.table(rows, schema=PROGRAMS_SCHEMA)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

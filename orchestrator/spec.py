@@ -1,0 +1,290 @@
+"""Sweep specs: YAML in, a frozen, validated `Spec` out, or an error that names the fix.
+
+    run: quickstart
+    output: results
+    seed: 0
+    tasks:
+      - {family: binding, seq_lens: [8, 16], n: 20, options: {style: paper}}
+    models:
+      - {id: models/binding-tiny}
+    experiments:
+      behavior: {backend: hf}
+      patching: {sites: [resid_pre, attn_head], layers_per_shard: 2, positions: targets}
+
+Every mapping forbids unknown keys, so a typo fails instead of being ignored. `load_spec` also
+checks what a schema cannot: family options against the family, patched tasks against the tasks,
+layers against each model's config (read without loading weights), all before Ray starts.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.tasks import FAMILIES, generate, get_family
+
+Backend = Literal["hf", "vllm", "auto"]
+Site = Literal["resid_pre", "attn_head", "mlp_out"]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message lists each problem with its fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """Programs of one family: `n` per length, indices 0..n-1 of the (seed, family, length)
+    stream."""
+
+    family: Literal["binding", "range", "increments", "boolean", "exception"]
+    seq_lens: Annotated[list[PositiveInt], Field(min_length=1)]
+    n: PositiveInt
+    options: dict[str, Any] = {}
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seq_lens {v} repeats a length; list each once")
+        return v
+
+    @model_validator(mode="after")
+    def _family_accepts(self) -> "TaskSpec":
+        family = get_family(self.family)
+        short = [x for x in self.seq_lens if x < family.min_seq_len]
+        if short:
+            raise ValueError(
+                f"seq_lens {short} are too short for {self.family}: it needs at least "
+                f"{family.min_seq_len} lines"
+            )
+        # Generate one program: this checks every option's name and value with the family.
+        generate(self.family, 0, self.seq_lens[0], 0, **self.options)
+        return self
+
+
+class ModelSpec(_Strict):
+    """A model: a Hugging Face id or a local folder written by `save_pretrained`."""
+
+    id: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8", "nf4", "auto"] = "auto"
+
+
+class BehaviorSpec(_Strict):
+    """Does the model answer right? `template` is `raw` (the program; the answer is the next
+    token), `chat` (a question for instruction-tuned models), or a format string using
+    `{text}`, `{program}`, `{query}`."""
+
+    backend: Backend = "auto"
+    template: str = "raw"
+    batch_size: PositiveInt = 64
+    programs_per_shard: PositiveInt = 200
+    tasks: list[str] | None = None
+    max_new_tokens: PositiveInt = 8
+
+
+class PatchingSpec(_Strict):
+    """Causal tracing: every (site, layer, position[, head]) patch of every program."""
+
+    sites: Annotated[list[Site], Field(min_length=1)] = ["resid_pre"]
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    layers_per_shard: PositiveInt = 4
+    positions: Literal["all", "targets"] = "targets"
+    batch_size: PositiveInt = 256
+    programs_per_shard: PositiveInt = 20
+    tasks: list[str] | None = None
+
+
+class Experiments(_Strict):
+    behavior: BehaviorSpec | None = None
+    patching: PatchingSpec | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> "Experiments":
+        if self.behavior is None and self.patching is None:
+            raise ValueError("no experiment: add behavior: {} and/or patching: {}")
+        return self
+
+
+class Resources(_Strict):
+    """What each actor holds. `auto`: one GPU per actor where there are GPUs (more when the
+    model needs them), and as many actors per model as the cluster's GPUs allow."""
+
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    actors_per_model: PositiveInt | Literal["auto"] = "auto"
+    cpus_per_actor: Annotated[float, Field(gt=0)] = 0.5
+    max_in_flight_per_actor: PositiveInt = 2
+    max_attempts: PositiveInt = 3
+
+
+class Spec(_Strict):
+    run: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    output: str = "results"
+    seed: int = 0
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    experiments: Experiments
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Spec":
+        families = [t.family for t in self.tasks]
+        if len(set(families)) != len(families):
+            raise ValueError(f"tasks list a family twice ({families}); merge their seq_lens")
+        for name, exp in (
+            ("behavior", self.experiments.behavior),
+            ("patching", self.experiments.patching),
+        ):
+            if exp is not None and exp.tasks is not None:
+                unknown = sorted(set(exp.tasks) - set(families))
+                if unknown:
+                    raise ValueError(
+                        f"experiments.{name}.tasks names {unknown}, which are not in tasks "
+                        f"({families}); add them to tasks or remove them here"
+                    )
+        ids = [m.id for m in self.models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"models list {ids}: an id appears twice")
+        return self
+
+    def results_dir(self, output: str | None = None) -> Path:
+        """`<output>/<run>/`, where `output` overrides the spec's."""
+        return Path(output or self.output) / self.run
+
+    def tasks_for(self, experiment: str) -> list[TaskSpec]:
+        exp = getattr(self.experiments, experiment)
+        if exp is None:
+            return []
+        return [t for t in self.tasks if exp.tasks is None or t.family in exp.tasks]
+
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling against the allowed keys: {allowed}",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+    "int_parsing": "write a whole number",
+    "int_type": "write a whole number",
+    "float_parsing": "write a number",
+    "list_type": "write a YAML list, e.g. [a, b]",
+    "dict_type": "write a YAML mapping, e.g. {key: value}",
+    "model_type": "write a YAML mapping, e.g. {key: value}",
+    "greater_than_equal": "use a larger value",
+    "greater_than": "use a larger value",
+    "too_short": "give at least one item",
+    "string_pattern_mismatch": "use letters, digits, '.', '_' and '-' only",
+}
+
+
+def _allowed_keys(loc: tuple) -> str:
+    """Field names of the model that holds `loc`'s parent."""
+    model: Any = Spec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return "?"
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", (ann,)):
+            inner = getattr(candidate, "__args__", (candidate,))
+            found = [
+                c for c in (candidate, *inner) if isinstance(c, type) and issubclass(c, BaseModel)
+            ]
+            if found:
+                model = found[0]
+                break
+    return ", ".join(model.model_fields) if hasattr(model, "model_fields") else "?"
+
+
+def format_errors(path: str | Path, err: ValidationError) -> str:
+    """One line per problem: file, field path, bad value, what is wrong, and the fix."""
+    lines = [f"{path}: the spec is not valid ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "value_error":  # our own validators: the message names value and fix
+            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+            continue
+        value = e.get("input")
+        shown = "" if e["type"] == "missing" else f" = {value!r}"
+        fix = _FIXES.get(e["type"], "see the example in specs/quickstart.yaml")
+        fix = fix.format(allowed=_allowed_keys(e["loc"]))
+        lines.append(f"  {loc}{shown}: {e['msg']}; fix: {fix}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, path: str | Path = "<spec>") -> Spec:
+    """Validate already-parsed YAML.
+
+    Raises:
+        SpecError: with every problem listed (see `format_errors`).
+    """
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_errors(path, err)) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file (`yaml.safe_load`).
+
+    Raises:
+        SpecError: unreadable file, bad YAML, or an invalid spec.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read the spec ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    return parse_spec(data, path)
+
+
+def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
+    """Read each model's config (no weights) and check the layers the spec asks for.
+
+    Returns:
+        model id -> number of layers.
+
+    Raises:
+        SpecError: a model that cannot be found, or a layer out of range.
+    """
+    from transformers import AutoConfig
+
+    n_layers: dict[str, int] = {}
+    problems = []
+    for i, model in enumerate(spec.models):
+        try:
+            config = AutoConfig.from_pretrained(model.id)
+        except (OSError, ValueError) as err:
+            problems.append(
+                f"  models.{i}.id = {model.id!r}: not found ({str(err).splitlines()[0]}); fix: "
+                "give a folder written by save_pretrained, or a hub id that is cached or reachable"
+            )
+            continue
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        n_layers[model.id] = int(layers)
+        patching = spec.experiments.patching
+        if patching is not None and patching.layers is not None:
+            bad = [x for x in patching.layers if x >= n_layers[model.id]]
+            if bad:
+                problems.append(
+                    f"  experiments.patching.layers = {patching.layers}: {bad} out of range for "
+                    f"{model.id} (layers 0..{n_layers[model.id] - 1}); fix: drop them, or omit "
+                    "layers to patch every layer"
+                )
+    if problems:
+        raise SpecError(f"{path}: the spec is not valid:\n" + "\n".join(problems))
+    return n_layers
+
+
+__all__ = ["FAMILIES", "Spec", "SpecError", "check_models", "load_spec", "parse_spec"]
