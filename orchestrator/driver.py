@@ -100,7 +100,9 @@ class Driver:
         spec: the validated spec.
         n_layers: model id -> layer count.
         results: the run's results folder (already `start`ed).
+        total: shards in the plan (for progress).
         on_progress: called with a `Progress` after every change.
+        worker_cls: the actor body (`ModelWorker`; benchmarks pass a trivial one).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Driver:
         results: ResultsDir,
         total: int,
         on_progress: Callable[[Progress], None] | None = None,
+        worker_cls: type = ModelWorker,
     ) -> None:
         self.spec = spec
         self.n_layers = n_layers
@@ -147,7 +150,7 @@ class Driver:
         self.pending = collections.deque(spec.models)
         self.ref_actor: dict[Any, _Actor] = {}
         self.ref_shard: dict[Any, Shard] = {}
-        self.remote = ray.remote(ModelWorker)
+        self.remote = ray.remote(worker_cls)
         self._last_report: tuple = ()
 
     # -- actors -----------------------------------------------------------------------------
@@ -235,7 +238,9 @@ class Driver:
                 self._submit()
                 if not self.ref_shard:
                     break
-            ready, _ = ray.wait(list(self.ref_shard), num_returns=1, timeout=5.0)
+            ready, rest = ray.wait(list(self.ref_shard), num_returns=1, timeout=5.0)
+            if ready and rest:  # take everything else that is already done, without waiting
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 self._finish(ref)
             self._start_models()

@@ -86,13 +86,14 @@ class ResultsDir:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.tmp = self.root / ".tmp"
+        self._listing: dict[Path, dict[str, list[str]]] = {}
 
     # -- atomic writes ----------------------------------------------------------------------
     def _atomic(self, target: Path, write) -> None:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
         scratch = self.tmp / f"{target.name}.{uuid.uuid4().hex}"
         try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             write(scratch)
             os.replace(scratch, target)
         except OSError as err:
@@ -105,6 +106,10 @@ class ResultsDir:
 
     def write_table(self, target: Path, table: pa.Table) -> None:
         self._atomic(target, lambda path: pq.write_table(table, path))
+        if target.parent in self._listing and _PART.fullmatch(target.name):
+            self._listing[target.parent].setdefault(target.name.split(".", 1)[0], []).append(
+                target.name
+            )
 
     def write_text(self, target: Path, text: str) -> None:
         self._atomic(target, lambda path: path.write_text(text))
@@ -118,8 +123,16 @@ class ResultsDir:
         return self.root / "skipped" / model / f"{shard.kind}-{shard.file_stem}.parquet"
 
     def _parts(self, shard: Shard) -> list[Path]:
+        """Part files of a split shard. The folder is listed once per run and kept in step
+        with what this object writes, so resume checks stay O(1) per shard."""
         folder = self.root / shard.rel_dir()
-        return sorted(folder.glob(f"{shard.id}.part*of*.parquet")) if folder.exists() else []
+        if folder not in self._listing:
+            listing: dict[str, list[str]] = {}
+            for entry in os.scandir(folder) if folder.is_dir() else ():
+                if _PART.fullmatch(entry.name):
+                    listing.setdefault(entry.name.split(".", 1)[0], []).append(entry.name)
+            self._listing[folder] = listing
+        return [folder / n for n in self._listing[folder].get(shard.id, [])]
 
     def is_done(self, shard: Shard) -> bool:
         """The shard's file exists, or its split parts tile it."""
@@ -127,15 +140,14 @@ class ResultsDir:
             return True
         covered = Fraction(0)
         for path in self._parts(shard):
-            match = _PART.fullmatch(path.name)
-            if match:
-                covered += Fraction(1, int(match["of"]))
+            covered += Fraction(1, int(_PART.fullmatch(path.name)["of"]))
         return covered == 1
 
     def clear_parts(self, shard: Shard) -> None:
         """Remove part files of a shard about to be run whole (so no row is written twice)."""
         for path in self._parts(shard):
             path.unlink(missing_ok=True)
+        self._listing.get(self.root / shard.rel_dir(), {}).pop(shard.id, None)
 
     def write_shard(self, shard: Shard, table: pa.Table, skipped: pa.Table | None = None) -> Path:
         """Write a finished shard (its skipped programs first, then its rows)."""

@@ -1,0 +1,124 @@
+"""Summarise a run, query it in SQL, and draw its charts.
+
+python -m analysis RESULTS_DIR                 # summary tables + charts in RESULTS_DIR/charts
+python -m analysis RESULTS_DIR --sql "SELECT model, avg(correct::INT) FROM behavior GROUP BY 1"
+python -m analysis RESULTS_DIR --shell         # type SQL at a prompt; views: programs,
+                                               # behavior, patching, skipped
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from analysis import charts, queries
+from analysis.db import connect
+
+CHARTS = {
+    "accuracy_vs_length": (queries.ACCURACY_BY_LENGTH, charts.accuracy_vs_length),
+    "accuracy_by_depth": (queries.ACCURACY_BY_DEPTH, charts.accuracy_by_depth),
+    "patching_heatmap": (queries.HEATMAP_BY_LABEL, charts.patching_heatmap),
+    "flip_rate": (queries.FLIP_RATE, charts.flip_rate),
+    "heads": (queries.HEADS, charts.heads),
+}
+
+
+def show(df: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return df.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        return df.to_json(orient="records", lines=True).rstrip("\n")
+    with pd.option_context(
+        "display.max_rows", 200, "display.width", 120, "display.float_format", "{:.3f}".format
+    ):
+        return df.to_string(index=False) if len(df) else "(no rows)"
+
+
+def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
+    out = []
+    acc = queries.run(con, queries.ACCURACY_BY_LENGTH)
+    if len(acc):
+        table = acc.pivot_table(index=["model", "task"], columns="seq_len", values="accuracy")
+        out.append(
+            "accuracy by model x task x program length\n" + show(table.reset_index(), "table")
+        )
+    top = queries.run(con, queries.TOP_CELLS, include_all=include_all, k=5)
+    if len(top):
+        cover = queries.run(con, queries.COVERAGE, include_all=include_all).iloc[0]
+        kept = (
+            "all programs"
+            if include_all
+            else (
+                f"{cover.programs_kept} of {cover.programs_all} programs: right in both runs, "
+                "not heuristic; --include-all keeps all"
+            )
+        )
+        out.append(
+            f"top (site, layer, label) cells by mean norm_effect ({kept})\n" + show(top, "table")
+        )
+    return "\n\n".join(out) or "no results yet"
+
+
+def shell(con: duckdb.DuckDBPyConnection, fmt: str) -> int:
+    print("views: programs, behavior, patching, skipped. End a query with ';'. Ctrl-D quits.")
+    buffer = ""
+    while True:
+        try:
+            line = input("sql> " if not buffer else "...> ")
+        except EOFError:
+            print()
+            return 0
+        buffer += line + "\n"
+        if buffer.strip().endswith(";"):
+            try:
+                print(show(con.execute(buffer).df(), fmt))
+            except duckdb.Error as err:
+                print(f"error: {err}")
+            buffer = ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    p.add_argument("results", type=Path, help="a run's folder, e.g. results/quickstart")
+    p.add_argument("--sql", help="run one query against the views and print the result")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--shell", action="store_true", help="interactive SQL prompt")
+    p.add_argument("--out", type=Path, help="where to write charts (default RESULTS/charts)")
+    p.add_argument("--no-charts", action="store_true", help="print the summary only")
+    p.add_argument(
+        "--include-all",
+        action="store_true",
+        help="keep wrong and heuristic programs in patching aggregates",
+    )
+    args = p.parse_args(argv)
+    try:
+        con = connect(args.results)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.sql:
+        try:
+            print(show(con.execute(args.sql).df(), args.format))
+        except duckdb.Error as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    if args.shell:
+        return shell(con, args.format)
+    print(summary(con, args.include_all))
+    if args.no_charts:
+        return 0
+    out = args.out or args.results / "charts"
+    written = []
+    for name, (sql, draw) in CHARTS.items():
+        df = queries.run(con, sql, include_all=args.include_all)
+        if len(df):
+            written.append(charts.save(draw(df), out, name)[0])
+    print("\ncharts: " + (", ".join(str(w) for w in written) if written else "none (no rows)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

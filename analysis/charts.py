@@ -1,0 +1,217 @@
+"""Altair small multiples, one function per chart, in one registered theme (Tufte's: data ink
+only — no grid, no frames, thin muted axes, direct labels instead of legends where they fit).
+
+Every function takes an aggregated DataFrame (from `queries.py`) and returns a chart; `save`
+writes PNG, SVG and HTML through vl-convert. Scales are shared across panels where the panels
+are compared (accuracy 0-1; effects on one diverging scale centred on 0).
+"""
+
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+
+THEME = "varbind"
+INK = "#333333"
+MUTED = "#888888"
+FONT = "Helvetica Neue, Helvetica, Arial, sans-serif"
+DIVERGING = "blueorange"
+PANEL = 180
+
+
+def use_theme() -> None:
+    """Register (once) and enable the project's theme."""
+    if THEME not in alt.theme.names():
+
+        @alt.theme.register(THEME, enable=False)
+        def _theme() -> alt.theme.ThemeConfig:
+            axis = {
+                "grid": False,
+                "domainColor": MUTED,
+                "domainWidth": 0.5,
+                "tickColor": MUTED,
+                "tickWidth": 0.5,
+                "tickSize": 3,
+                "labelColor": INK,
+                "labelFontSize": 10,
+                "titleColor": INK,
+                "titleFontSize": 11,
+                "titleFontWeight": "normal",
+            }
+            return {
+                "config": {
+                    "font": FONT,
+                    "background": "white",
+                    "view": {"stroke": None},
+                    "axis": axis,
+                    "header": {
+                        "labelFontSize": 11,
+                        "titleFontSize": 11,
+                        "labelColor": INK,
+                        "titleFontWeight": "normal",
+                    },
+                    "legend": {
+                        "labelFontSize": 10,
+                        "titleFontSize": 10,
+                        "titleFontWeight": "normal",
+                    },
+                    "title": {
+                        "fontSize": 13,
+                        "fontWeight": "normal",
+                        "anchor": "start",
+                        "color": INK,
+                    },
+                    "line": {"strokeWidth": 1.5},
+                    "point": {"size": 18, "filled": True},
+                }
+            }
+
+    alt.theme.enable(THEME)
+
+
+def accuracy_vs_length(df: pd.DataFrame) -> alt.FacetChart:
+    """Accuracy against program length, one panel per task, one line per model, labelled at its
+    right end."""
+    use_theme()
+    # Layers carry no data of their own, so that the facet splits all of them.
+    base = alt.Chart().encode(
+        x=alt.X("seq_len:Q", title="program length (lines)", scale=alt.Scale(zero=False)),
+        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("model:N", legend=None),
+    )
+    labels = (
+        base.transform_joinaggregate(longest="max(seq_len)", groupby=["task", "model"])
+        .transform_filter("datum.seq_len == datum.longest")
+        .mark_text(align="left", dx=5, fontSize=9)
+        .encode(text="model:N")
+    )
+    layered = alt.layer(base.mark_line(), base.mark_point(), labels, data=df)
+    return (
+        layered.properties(width=PANEL, height=PANEL)
+        .facet(facet=alt.Facet("task:N", title=None), columns=3)
+        .properties(title="Accuracy by program length")
+    )
+
+
+def accuracy_by_depth(df: pd.DataFrame) -> alt.FacetChart:
+    """Binding accuracy by referential depth, heuristic vs non-heuristic programs, per model."""
+    use_theme()
+    data = df.assign(programs=df["heuristic"].map({True: "root on line 1-2", False: "root later"}))
+    base = alt.Chart().encode(
+        x=alt.X("depth:O", title="referential depth", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color(
+            "programs:N",
+            title=None,
+            scale=alt.Scale(range=[INK, "#d95f02"]),
+            legend=alt.Legend(orient="bottom"),
+        ),
+    )
+    return (
+        alt.layer(base.mark_line(), base.mark_point(), data=data)
+        .properties(width=PANEL, height=PANEL)
+        .facet(facet=alt.Facet("model:N", title=None), columns=3)
+        .properties(title="Binding accuracy by chain depth, root on line 1-2 or later")
+    )
+
+
+def _label_order(labels) -> list[str]:
+    refs = sorted(
+        (x for x in labels if x.startswith("ref_depth_")), key=lambda x: int(x.split("_")[2])
+    )
+    rest = [x for x in ("cf_const", "query_var", "final_colon", "other") if x in set(labels)]
+    return refs + rest
+
+
+def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x token label, colour = mean normalized effect, one panel per model and site."""
+    use_theme()
+    extent = max(0.05, float(df["mean_effect"].abs().max() or 0)) if len(df) else 1.0
+    return (
+        alt.Chart(df)
+        .mark_rect()
+        .encode(
+            x=alt.X(
+                "label:N",
+                title=None,
+                sort=_label_order(df["label"].unique()) if len(df) else None,
+                axis=alt.Axis(labelAngle=-40),
+            ),
+            y=alt.Y("layer:O", title="layer", sort="descending"),
+            color=alt.Color(
+                "mean_effect:Q",
+                title="mean normalized effect",
+                scale=alt.Scale(scheme=DIVERGING, domain=[-extent, extent], domainMid=0),
+            ),
+            tooltip=[
+                "model",
+                "site",
+                "layer",
+                "label",
+                alt.Tooltip("mean_effect:Q", format=".3f"),
+                "n",
+            ],
+        )
+        .properties(width=PANEL, height=PANEL)
+        .facet(row=alt.Row("site:N", title=None), column=alt.Column("model:N", title=None))
+        .properties(title="Effect of patching the counterfactual in, by layer and token")
+    )
+
+
+def flip_rate(df: pd.DataFrame) -> alt.FacetChart:
+    """How often the patch makes the counterfactual answer the top token, by layer, one line per
+    ref-depth label."""
+    use_theme()
+    base = alt.Chart().encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("flip_rate:Q", title="flip rate", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color(
+            "label:N",
+            title=None,
+            sort=_label_order(df["label"].unique()) if len(df) else None,
+            legend=alt.Legend(orient="bottom"),
+        ),
+    )
+    return (
+        alt.layer(base.mark_line(), base.mark_point(), data=df)
+        .properties(width=PANEL, height=PANEL)
+        .facet(row=alt.Row("site:N", title=None), column=alt.Column("model:N", title=None))
+        .properties(title="Flip rate by layer, for each hop of the chain")
+    )
+
+
+def heads(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x head grid of mean effect at the query variable and the final colon."""
+    use_theme()
+    extent = max(0.05, float(df["mean_effect"].abs().max() or 0)) if len(df) else 1.0
+    return (
+        alt.Chart(df)
+        .mark_rect()
+        .encode(
+            x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("layer:O", title="layer", sort="descending"),
+            color=alt.Color(
+                "mean_effect:Q",
+                title="mean normalized effect",
+                scale=alt.Scale(scheme=DIVERGING, domain=[-extent, extent], domainMid=0),
+            ),
+            tooltip=["model", "layer", "head", "label", alt.Tooltip("mean_effect:Q", format=".3f")],
+        )
+        .properties(width=PANEL, height=PANEL)
+        .facet(row=alt.Row("label:N", title=None), column=alt.Column("model:N", title=None))
+        .properties(title="Effect of patching each attention head at the query")
+    )
+
+
+def save(chart: alt.TopLevelMixin, folder: Path, name: str) -> list[Path]:
+    """Write `name`.png, .svg and .html into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg", "html"):
+        path = folder / f"{name}.{ext}"
+        if ext == "png":
+            chart.save(str(path), scale_factor=2)
+        else:
+            chart.save(str(path))
+        paths.append(path)
+    return paths

@@ -1,0 +1,259 @@
+"""Analysis on a synthetic results folder with known values: views, aggregates, charts, CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import charts, connect, queries
+from analysis.__main__ import CHARTS
+
+PROGRAMS = [
+    # task, seq_len, program, depth, heuristic
+    ("binding", 4, 0, 1, True),
+    ("binding", 4, 1, 2, False),
+    ("binding", 8, 0, 3, False),
+    ("binding", 8, 1, 4, False),
+]
+
+
+def programs_table() -> pa.Table:
+    return pa.table(
+        {
+            "task": [p[0] for p in PROGRAMS],
+            "seq_len": pa.array([p[1] for p in PROGRAMS], pa.int32()),
+            "program": pa.array([p[2] for p in PROGRAMS], pa.int64()),
+            "text": ["a=1\n#a:"] * 4,
+            "answer": ["1"] * 4,
+            "depth": pa.array([p[3] for p in PROGRAMS], pa.int32()),
+            "heuristic": [p[4] for p in PROGRAMS],
+        }
+    )
+
+
+def behavior_table(model: str, correct: list[bool]) -> pa.Table:
+    return pa.table(
+        {
+            "model": [model] * 4,
+            "task": ["binding"] * 4,
+            "seq_len": pa.array([p[1] for p in PROGRAMS], pa.int32()),
+            "program": pa.array([p[2] for p in PROGRAMS], pa.int64()),
+            "depth": pa.array([p[3] for p in PROGRAMS], pa.int32()),
+            "heuristic": [p[4] for p in PROGRAMS],
+            "expected": ["1"] * 4,
+            "predicted": ["1" if c else "2" for c in correct],
+            "correct": correct,
+            "backend": ["hf"] * 4,
+        }
+    )
+
+
+def patching_rows(model: str, site: str) -> list[dict]:
+    """Two layers x three labels x programs, norm_effect = layer + 0.1 * program (+ head)."""
+    rows = []
+    for task, seq_len, program, _, _ in PROGRAMS:
+        for layer in (0, 1):
+            for pos, label in enumerate(["ref_depth_1_rhs", "query_var", "final_colon"]):
+                for head in [0, 1] if site == "attn_head" else [None]:
+                    effect = layer + 0.1 * program + (head or 0)
+                    rows.append(
+                        {
+                            "model": model,
+                            "task": task,
+                            "seq_len": seq_len,
+                            "program": program,
+                            "site": site,
+                            "layer": layer,
+                            "head": head,
+                            "pos": pos,
+                            "token": "x",
+                            "label": label,
+                            "clean_answer": "1",
+                            "cf_answer": "2",
+                            # program 1 of length 8 is answered wrong: excluded by default
+                            "clean_correct": not (seq_len == 8 and program == 1),
+                            "cf_correct": True,
+                            "clean_logit_diff": -1.0,
+                            "cf_logit_diff": 1.0,
+                            "patched_logit_diff": -1.0 + 2 * effect,
+                            "norm_effect": effect,
+                            "flipped": effect > 0.5,
+                        }
+                    )
+    return rows
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    root = tmp_path / "run"
+    root.mkdir()
+    pq.write_table(programs_table(), root / "programs.parquet")
+    for model, correct in (("org/a", [True, True, False, True]), ("org/b", [True] * 4)):
+        escaped = model.replace("/", "--")
+        folder = root / "behavior" / f"model={escaped}" / "task=binding"
+        folder.mkdir(parents=True)
+        pq.write_table(behavior_table(model, correct), folder / "b1.parquet")
+        for site in ("resid_pre", "attn_head"):
+            folder = root / "patching" / f"model={escaped}" / f"site={site}"
+            folder.mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(patching_rows(model, site)), folder / "p1.parquet")
+    # A half-written file left by a crash, in the temporary folder: readers must not see it.
+    (root / ".tmp").mkdir()
+    (root / ".tmp" / "p2.parquet.abc123").write_bytes(b"PAR1 truncated")
+    return root
+
+
+def test_views_count_rows(run_dir) -> None:
+    con = connect(run_dir)
+    count = lambda view: con.execute(f"SELECT count(*) FROM {view}").fetchone()[0]  # noqa: E731
+    assert count("programs") == 4
+    assert count("behavior") == 8
+    assert count("patching") == 2 * (4 * 2 * 3) * (1 + 2)
+    assert count("skipped") == 0, "no skipped files: an empty view, not an error"
+    assert con.execute("SELECT DISTINCT model FROM patching ORDER BY 1").fetchall() == [
+        ("org/a",),
+        ("org/b",),
+    ], "the real model id, not the escaped folder name"
+
+
+def test_accuracy_aggregates_match_hand_computation(run_dir) -> None:
+    con = connect(run_dir)
+    acc = queries.run(con, queries.ACCURACY_BY_LENGTH)
+    got = {(r.model, r.seq_len): (r.accuracy, r.n) for r in acc.itertuples()}
+    assert got == {
+        ("org/a", 4): (1.0, 2),
+        ("org/a", 8): (0.5, 2),
+        ("org/b", 4): (1.0, 2),
+        ("org/b", 8): (1.0, 2),
+    }
+    depth = queries.run(con, queries.ACCURACY_BY_DEPTH)
+    a = depth[depth.model == "org/a"].set_index("depth")["accuracy"].to_dict()
+    assert a == {1: 1.0, 2: 1.0, 3: 0.0, 4: 1.0}
+
+
+def test_patching_aggregates_exclude_wrong_and_heuristic_programs(run_dir) -> None:
+    con = connect(run_dir)
+    heat = queries.run(con, queries.HEATMAP_BY_LABEL)
+    cell = heat[
+        (heat.model == "org/a")
+        & (heat.site == "resid_pre")
+        & (heat.layer == 1)
+        & (heat.label == "query_var")
+    ].iloc[0]
+    # kept: (4,1) and (8,0): heuristic (4,0) and wrong (8,1) are out. effect = 1 + 0.1*program.
+    assert cell.n == 2 and cell.mean_effect == pytest.approx((1.1 + 1.0) / 2)
+    heat_all = queries.run(con, queries.HEATMAP_BY_LABEL, include_all=True)
+    cell = heat_all[
+        (heat_all.model == "org/a")
+        & (heat_all.site == "resid_pre")
+        & (heat_all.layer == 1)
+        & (heat_all.label == "query_var")
+    ].iloc[0]
+    assert cell.n == 4 and cell.mean_effect == pytest.approx((1.0 + 1.1 + 1.0 + 1.1) / 4)
+    heads = queries.run(con, queries.HEADS)
+    h = heads[
+        (heads.model == "org/b")
+        & (heads.layer == 0)
+        & (heads["head"] == 1)
+        & (heads.label == "final_colon")
+    ].iloc[0]
+    assert h.mean_effect == pytest.approx(1.05)  # 0 + 1 + mean(0.1, 0.0)
+    flips = queries.run(con, queries.FLIP_RATE)
+    assert set(flips.label) == {"ref_depth_1_rhs"} and set(flips.site) == {"resid_pre"}
+    assert flips.set_index(["model", "layer"]).flip_rate.to_dict() == {
+        ("org/a", 0): 0.0,
+        ("org/a", 1): 1.0,
+        ("org/b", 0): 0.0,
+        ("org/b", 1): 1.0,
+    }
+    top = queries.run(con, queries.TOP_CELLS, k=2)
+    assert list(top.groupby("model").size()) == [2, 2]
+    assert top.iloc[0].site == "attn_head" and top.iloc[0].layer == 1
+
+
+def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> None:
+    con = connect(run_dir)
+    expected = {  # facet fields (wrapped facets have one), and the panels' encodings
+        "accuracy_vs_length": (
+            {"facet": "task"},
+            {"x": "seq_len", "y": "accuracy", "color": "model"},
+        ),
+        "accuracy_by_depth": (
+            {"facet": "model"},
+            {"x": "depth", "y": "accuracy", "color": "programs"},
+        ),
+        "patching_heatmap": (
+            {"row": "site", "column": "model"},
+            {"x": "label", "y": "layer", "color": "mean_effect"},
+        ),
+        "flip_rate": (
+            {"row": "site", "column": "model"},
+            {"x": "layer", "y": "flip_rate", "color": "label"},
+        ),
+        "heads": (
+            {"row": "label", "column": "model"},
+            {"x": "head", "y": "layer", "color": "mean_effect"},
+        ),
+    }
+    for name, (sql, draw) in CHARTS.items():
+        chart = draw(queries.run(con, sql))
+        spec = chart.to_dict()
+        facets, encodings = expected[name]
+        facet = spec["facet"]
+        got = (
+            {"facet": facet["field"]}
+            if "field" in facet
+            else {k: v["field"] for k, v in facet.items()}
+        )
+        assert got == facets, name
+        inner = spec["spec"]
+        layers = inner.get("layer", [inner])
+        enc = layers[0]["encoding"]
+        assert {k: enc[k]["field"] for k in encodings} == encodings, name
+        assert spec["config"]["axis"]["grid"] is False, "the theme is on"
+        png, svg, html = charts.save(chart, tmp_path / "charts", name)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert svg.read_text().lstrip().startswith("<svg") and svg.stat().st_size > 2_000
+        assert "vega" in html.read_text()
+    heat = charts.patching_heatmap(queries.run(con, queries.HEATMAP_BY_LABEL)).to_dict()
+    scale = heat["spec"]["encoding"]["color"]["scale"]
+    assert scale["domainMid"] == 0 and scale["domain"][0] == -scale["domain"][1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True)
+
+
+def test_cli_summary_sql_and_errors(run_dir, tmp_path) -> None:
+    out = run_cli(str(run_dir), "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    assert "accuracy by model x task x program length" in out.stdout
+    assert "top (site, layer, label) cells" in out.stdout
+    assert "2 of 4 programs" in out.stdout
+    assert len(list((tmp_path / "c").glob("*.png"))) == 5
+    out = run_cli(
+        str(run_dir),
+        "--sql",
+        "SELECT model, count(*) AS n FROM behavior GROUP BY 1 ORDER BY 1",
+        "--format",
+        "json",
+    )
+    assert [json.loads(x) for x in out.stdout.splitlines()] == [
+        {"model": "org/a", "n": 4},
+        {"model": "org/b", "n": 4},
+    ]
+    out = run_cli(str(run_dir), "--sql", "SELEC 1")
+    assert out.returncode == 1 and out.stderr.startswith("error: Parser Error")
+    assert "Traceback" not in out.stderr
+    out = run_cli(str(tmp_path / "nope"))
+    assert out.returncode == 2 and "is not a results folder" in out.stderr
+
+
+def test_analysis_imports_neither_torch_nor_ray() -> None:
+    code = "import sys, analysis.__main__; print('torch' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False False", out.stderr

@@ -1,0 +1,194 @@
+"""Spec validation and shard expansion (no Ray, no model weights)."""
+
+import copy
+import dataclasses
+
+import pyarrow as pa
+import pytest
+
+from orchestrator.shards import count_shards, escape_model, iter_shards, layer_blocks, split
+from orchestrator.sink import ResultsDir, SinkError
+from orchestrator.spec import SpecError, load_spec, parse_spec
+
+BASE = {
+    "run": "unit",
+    "seed": 3,
+    "tasks": [
+        {"family": "binding", "seq_lens": [4, 8], "n": 10, "options": {"style": "paper"}},
+        {"family": "range", "seq_lens": [5], "n": 3},
+    ],
+    "models": [{"id": "org/model-a"}, {"id": "models/local-b"}],
+    "experiments": {
+        "behavior": {"programs_per_shard": 4},
+        "patching": {
+            "sites": ["resid_pre", "attn_head"],
+            "layers_per_shard": 3,
+            "programs_per_shard": 5,
+            "tasks": ["binding"],
+        },
+    },
+}
+N_LAYERS = {"org/model-a": 7, "models/local-b": 2}
+
+
+def spec_with(**changes):
+    data = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        node = data
+        *parents, last = path.split("__")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[int(last) if last.isdigit() else last] = value
+    return parse_spec(data, "unit.yaml")
+
+
+def test_valid_spec_is_frozen() -> None:
+    spec = spec_with()
+    assert spec.experiments.patching.positions == "targets"
+    with pytest.raises(Exception, match="frozen"):
+        spec.run = "other"
+    assert [t.family for t in spec.tasks_for("patching")] == ["binding"]
+    assert [t.family for t in spec.tasks_for("behavior")] == ["binding", "range"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"tasks__0__famliy": "binding"},
+            "tasks.0.famliy = 'binding': Extra inputs are not permitted; fix: remove it, or check "
+            "its spelling against the allowed keys: family, seq_lens, n, options",
+        ),
+        (
+            {"tasks__0__n": 0},
+            "tasks.0.n = 0: Input should be greater than or equal to 1; fix: use a larger value",
+        ),
+        ({"tasks__0__seq_lens": [4, 4]}, "seq_lens [4, 4] repeats a length"),
+        (
+            {"tasks__1__seq_lens": [2]},
+            "seq_lens [2] are too short for range: it needs at least 3 lines",
+        ),
+        ({"tasks__0__options": {"style": "wide"}}, "style='wide' is not one of ['seed', 'paper']"),
+        (
+            {"experiments__patching__sites": ["resid_post"]},
+            "experiments.patching.sites.0 = 'resid_post': Input should be 'resid_pre', "
+            "'attn_head' or 'mlp_out'",
+        ),
+        (
+            {"experiments__patching__tasks": ["boolean"]},
+            "experiments.patching.tasks names ['boolean'], which are not in tasks",
+        ),
+        (
+            {"experiments__behavior__backend": "tgi"},
+            "experiments.behavior.backend = 'tgi': Input should be 'hf', 'vllm' or 'auto'",
+        ),
+        ({"models__0__quantization": "int4"}, "models.0.quantization = 'int4'"),
+        ({"run": "my run"}, "run = 'my run': String should match pattern"),
+        ({"resources": {"gpus_per_actor": "many"}}, "resources.gpus_per_actor"),
+    ],
+)
+def test_bad_specs_name_field_value_and_fix(changes, message) -> None:
+    with pytest.raises(SpecError) as err:
+        spec_with(**changes)
+    assert str(err.value).startswith("unit.yaml: the spec is not valid")
+    assert message in str(err.value)
+
+
+def test_load_spec_file_errors(tmp_path) -> None:
+    with pytest.raises(SpecError, match="cannot read the spec"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="must be a YAML mapping, got list"):
+        load_spec(bad)
+
+
+def test_layer_blocks_are_consecutive_runs() -> None:
+    assert layer_blocks(7, None, 3) == [(0, 1, 2), (3, 4, 5), (6,)]
+    assert layer_blocks(10, [0, 1, 2, 5, 6, 9], 4) == [(0, 1, 2), (5, 6), (9,)]
+
+
+def test_shards_expand_and_count() -> None:
+    spec = spec_with()
+    shards = list(iter_shards(spec, N_LAYERS))
+    counts = count_shards(spec, N_LAYERS)
+    assert counts == {
+        "behavior": 2 * ((3 + 3) + 1),  # models x (binding 2 lens x 3 blocks + range 1 block)
+        "patching": (2 * 2 * 2 * 3) + (2 * 2 * 2 * 1),  # lens x blocks x sites x layer blocks
+    }
+    assert len(shards) == sum(counts.values())
+    assert len({s.id for s in shards}) == len(shards), "ids are unique"
+    covered = {
+        (s.model, s.task, s.seq_len, i)
+        for s in shards
+        if s.kind == "behavior"
+        for i in range(s.start, s.start + s.n)
+    }
+    assert len(covered) == 2 * (2 * 10 + 3), "every program of every model, once"
+    layers = {s.layers for s in shards if s.model == "org/model-a" and s.kind == "patching"}
+    assert layers == {(0, 1, 2), (3, 4, 5), (6,)}
+
+
+def test_shard_ids_are_stable_and_depend_only_on_what_changes_rows() -> None:
+    ids = [s.id for s in iter_shards(spec_with(), N_LAYERS)]
+    assert ids == [s.id for s in iter_shards(spec_with(), N_LAYERS)]
+    # Batch size and output path change nothing in the rows: same ids.
+    same = spec_with(experiments__patching__batch_size=8, output="elsewhere")
+    assert ids == [s.id for s in iter_shards(same, N_LAYERS)]
+    # The seed, a family option or the positions change rows: new ids.
+    for changed in (
+        spec_with(seed=4),
+        spec_with(experiments__patching__positions="all"),
+        spec_with(tasks__0__options={"style": "seed"}),
+    ):
+        new = {s.id for s in iter_shards(changed, N_LAYERS)}
+        assert new != set(ids)
+    assert all(len(i) == 16 for i in ids)
+
+
+def test_split_halves_layers_then_programs() -> None:
+    shard = next(
+        s
+        for s in iter_shards(spec_with(), N_LAYERS)
+        if s.kind == "patching" and s.layers == (0, 1, 2)
+    )
+    a, b = split(shard)
+    assert (a.layers, b.layers, a.part, b.part) == ((0,), (1, 2), (0, 2), (1, 2))
+    c, d = split(b)
+    assert (c.layers, d.layers, c.part, d.part) == ((1,), (2,), (2, 4), (3, 4))
+    e, f = split(c)
+    assert (e.start, e.n, f.start, f.n) == (c.start, 2, c.start + 2, 3)
+    with pytest.raises(ValueError, match="one layer and one program; cannot split"):
+        split(dataclasses.replace(e, n=1))
+
+
+def test_escape_model() -> None:
+    assert escape_model("Qwen/Qwen3-0.6B") == "Qwen--Qwen3-0.6B"
+    assert escape_model("/abs/path/to/models/binding-tiny") == "models--binding-tiny"
+    assert escape_model("gpt2") == "gpt2"
+
+
+def test_sink_parts_tile_and_atomic_writes(tmp_path) -> None:
+    spec = spec_with()
+    shard = next(s for s in iter_shards(spec, N_LAYERS) if s.kind == "patching")
+    sink = ResultsDir(tmp_path / "run")
+    table = pa.table({"x": [1, 2]})
+    a, b = split(shard)
+    b1, b2 = split(b)
+    sink.write_table(sink.shard_path(a), table)
+    sink.write_table(sink.shard_path(b1), table)
+    assert not sink.is_done(shard), "1/2 + 1/4 does not tile the shard"
+    sink.write_table(sink.shard_path(b2), table)
+    assert sink.is_done(shard)
+    sink.clear_parts(shard)
+    assert not sink.is_done(shard)
+    assert not list((tmp_path / "run" / ".tmp").iterdir()), "temporaries renamed away"
+    # A write that fails leaves nothing behind and says what to do.
+    blocked = tmp_path / "run" / "blocked"
+    blocked.write_text("a file where a folder should be")
+    with pytest.raises(SinkError, match=r"nothing partial was kept\. Fix: free disk space"):
+        sink.write_table(blocked / "x.parquet", table)
+    assert not list((tmp_path / "run" / ".tmp").iterdir())
