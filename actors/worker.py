@@ -39,6 +39,13 @@ SKIPPED_SCHEMA = pa.schema(
 )
 
 
+def _node_id() -> str | None:
+    """The Ray node this runs on, when it runs as an actor."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class ShardOutOfMemory(RuntimeError):
     """The shard does not fit even one patch per forward; split it."""
 
@@ -102,7 +109,7 @@ class ModelWorker:
             "model": self.model_spec["id"],
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "node_id": os.environ.get("RAY_NODE_ID", ""),
+            "node_id": _node_id(),
             "device": str(lm.device) if lm else None,
             "quantization": lm.quantization if lm else None,
             "weight_bytes": lm.weight_bytes if lm else None,
@@ -140,6 +147,7 @@ class ModelWorker:
             "skipped": skipped,
             "seconds": time.perf_counter() - start,
             "pid": os.getpid(),
+            "node_id": _node_id(),
         }
 
     def _behavior(self, programs: list) -> pa.Table:

@@ -34,8 +34,8 @@ def seed_way(lm, pair, row) -> torch.Tensor:
     nn_model = lm.lm
     layer = nn_model.model.layers[row.layer]
     target = layer if row.site == "resid_pre" else layer.self_attn.o_proj
-    clean = torch.tensor([pair.clean_ids])
-    cf = torch.tensor([pair.cf_ids])
+    clean = torch.tensor([pair.clean_ids], device=lm.device)
+    cf = torch.tensor([pair.cf_ids], device=lm.device)
     with nn_model.trace(clean):
         clean_logits = nn_model.output.logits[0, -1].save()
     with nn_model.trace(cf):
@@ -57,11 +57,14 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=300, help="patches timed for (a) and (b)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny_model(Path(tmp) / "llama", "llama", n_layers=4, d_model=256)
-        lm = load_model(str(folder), dtype="float32", device="cpu")
+        lm = load_model(str(folder), dtype=args.dtype, device=args.device)
+    cuda = lm.device.type == "cuda"
     program = generate("binding", seed=0, seq_len=16, index=3)
     pair = encode_pair(
         lm.tokenizer,
@@ -75,10 +78,16 @@ def main() -> int:
     patcher = Patcher(lm, batch_size=args.batch_size)
     layers = list(range(lm.arch.n_layers))
     patcher.patch_pair(pair, sites, layers)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
 
     start = time.perf_counter()
     rows, engine_logits, _, _ = patcher.patch_pair(pair, sites, layers)
+    if cuda:
+        torch.cuda.synchronize()
     t_engine = (time.perf_counter() - start) / len(rows)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 
     step = max(1, len(rows) // args.sample)
     sample = list(range(0, len(rows), step))
@@ -110,11 +119,12 @@ def main() -> int:
         (engine_logits[i] - ref).abs().max().item()
         for i, ref in zip(seed_sample, seed_logits, strict=True)
     )
-    n_changed = sum(
-        Patcher._changes(r, *patcher.run_pair(pair.clean_ids, pair.cf_ids)[:2]) for r in rows
-    )
+    clean, cf, _ = patcher.run_pair(pair.clean_ids, pair.cf_ids)
+    n_changed = sum(Patcher._changes(r, clean, cf) for r in rows)
     print(
-        f"model: llama 4 layers d_model 256, {len(pair.clean_ids)} tokens, threads {args.threads}"
+        f"model: llama 4 layers d_model 256, {len(pair.clean_ids)} tokens, {lm.device}, "
+        f"{args.dtype}, threads {args.threads}"
+        + (f", engine peak device memory {peak:.0f} MiB" if peak is not None else "")
     )
     print(f"patches: {len(rows)} ({n_changed} need a forward; the rest equal the clean run)")
     print(

@@ -19,7 +19,7 @@ stored. Two things make the lookup learnable on a CPU budget:
 The run directory holds `checkpoint.pt` (model, optimizer, curriculum, step) written at every
 evaluation, so a run can be stopped and resumed; `log.jsonl` holds the learning curve. The best
 model so far (by held-out accuracy on `max_seq_len`-line programs) is exported to `out_dir`, and
-the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-<phase>`.
+the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-step<N>`.
 """
 
 import argparse
@@ -98,7 +98,8 @@ class TrainConfig(BaseModel):
     embed_fraction: float = 0.5
     embed_per_line: float = 0.5
     threads: int = 2
-    snapshot_at: dict[str, float] = {"heuristic": 0.55, "mid": 0.8}
+    # Keep a copy of the first model past each held-out accuracy, as `<out_dir>-step<N>`.
+    snapshot_at: dict[str, float] = {"acc55": 0.55, "acc80": 0.8}
 
 
 def _assignments(text: str) -> list[tuple[str, str]]:
@@ -329,9 +330,11 @@ class Trainer:
         (tmp / "training_state.json").write_text(
             json.dumps({"step": self.step, "stage": self.stage, "config": self.cfg.model_dump()})
         )
-        card = folder / "README.md"
-        if card.exists():
-            shutil.copy(card, tmp / "README.md")
+        for name in ("README.md", "eval.json"):  # the card, until it is written anew
+            if (folder / name).exists():
+                shutil.copy(folder / name, tmp / name)
+        if (self.run_dir / "log.jsonl").exists():
+            shutil.copy(self.run_dir / "log.jsonl", tmp / "log.jsonl")
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
 
@@ -376,7 +379,7 @@ class Trainer:
                 for phase, threshold in cfg.snapshot_at.items():
                     if phase not in self.snapshots and report["all"] >= threshold:
                         self.snapshots[phase] = self.step
-                        self.export(Path(f"{cfg.out_dir}-{phase}"))
+                        self.export(Path(f"{cfg.out_dir}-step{self.step}"))
                 self._save()
         bar.close()
 
@@ -386,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="YAML file of TrainConfig fields")
     parser.add_argument("--max-steps", type=int, help="stop at this step (resumable)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--out-dir",
+        help="export here instead of the config's out_dir (e.g. while the shipped "
+        "model and its card stay put)",
+    )
     parser.add_argument("--fresh", action="store_true", help="discard the run directory first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fields = yaml.safe_load(args.config.read_text()) if args.config else {}
     if args.threads:
         fields["threads"] = args.threads
+    if args.out_dir:
+        fields["out_dir"] = args.out_dir
     try:
         cfg = TrainConfig(**(fields or {}))
     except ValueError as err:

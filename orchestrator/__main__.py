@@ -6,6 +6,7 @@ that summarises them. Exit status: 0 every shard done; 1 some shards failed (see
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     except SinkError as err:
         bar.close()
         print(err, file=sys.stderr)
-        results.write_run({**run_info, "status": "stopped: " + str(err).splitlines()[0]})
+        with contextlib.suppress(SinkError):  # the disk may still be full
+            results.write_run({**run_info, "status": "stopped: " + str(err).splitlines()[0]})
         return 1
     bar.close()
     failures = results.failures()
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failed": progress.failed,
             },
             "rows_written": progress.rows,
+            "nodes": dict(driver.nodes),
             "failures": failures,
         }
     )

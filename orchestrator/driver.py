@@ -120,7 +120,7 @@ class Driver:
         self.progress = Progress(total=total)
         self.on_progress = on_progress or (lambda p: None)
         self.attempts: collections.Counter = collections.Counter()
-        self.actor_log: list[dict[str, Any]] = []
+        self.nodes: collections.Counter = collections.Counter()  # node id -> shards run there
         res = spec.resources
         gpus = ray.cluster_resources().get("GPU", 0)
         if res.gpus_per_actor == "auto":
@@ -242,7 +242,8 @@ class Driver:
             if ready and rest:  # take everything else that is already done, without waiting
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
-                self._finish(ref)
+                if ref in self.ref_shard:  # not already requeued with its dead actor's others
+                    self._finish(ref)
             self._start_models()
             self._submit()
             self._report()
@@ -281,13 +282,22 @@ class Driver:
         self.results.write_shard(shard, out["table"], out["skipped"])
         self.progress.finished += 1
         self.progress.rows += out["table"].num_rows
+        self.nodes[out.get("node_id") or "local"] += 1
         del out
+
+    def _refresh_capacity(self) -> None:
+        """Recount slots from the live cluster (a node may have gone with its GPUs)."""
+        if self.gpus_per_actor > 0:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            self.slots = int(gpus // self.gpus_per_actor)
+        live = sum(len(m.actors) for m in self.models.values())
+        self.free = max(0, self.slots - live)
 
     def _actor_lost(self, actor: _Actor, model: _Model, shard: Shard, err: Exception) -> None:
         logger.warning("actor for %s died (%s); requeueing its shards", model.spec.id, err)
         if actor in model.actors:
             model.actors.remove(actor)
-            self.free += 1
+            self._refresh_capacity()
             model.lost_actors += 1
             # Every shard it held goes back to the queue; the one that was running counts an
             # attempt (it may be what killed the actor).

@@ -14,6 +14,7 @@ done when its parts tile it.
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +49,7 @@ PROGRAMS_SCHEMA = pa.schema(
         ("spans", pa.map_(pa.string(), pa.list_(pa.int32()))),
     ]
 )
+logger = logging.getLogger(__name__)
 _PART = re.compile(r"[0-9a-f]+\.part(?P<k>\d+)of(?P<of>\d+)\.parquet")
 PACKAGES = ("torch", "transformers", "nnsight", "ray", "pyarrow", "duckdb", "vllm", "bitsandbytes")
 
@@ -135,9 +137,19 @@ class ResultsDir:
         return [folder / n for n in self._listing[folder].get(shard.id, [])]
 
     def is_done(self, shard: Shard) -> bool:
-        """The shard's file exists, or its split parts tile it."""
-        if self.shard_path(shard).exists():
-            return True
+        """The shard's file exists and is whole, or its split parts tile it.
+
+        A file at the final path that is not valid Parquet (written by something other than
+        this sink, or damaged) is deleted, so the shard runs again.
+        """
+        path = self.shard_path(shard)
+        if path.exists():
+            try:
+                pq.read_metadata(path)
+                return True
+            except (OSError, pa.ArrowInvalid):
+                logger.warning("%s is not valid Parquet; removing it and running the shard", path)
+                path.unlink(missing_ok=True)
         covered = Fraction(0)
         for path in self._parts(shard):
             covered += Fraction(1, int(_PART.fullmatch(path.name)["of"]))

@@ -76,11 +76,12 @@ def patched_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int, he
             return module.register_forward_pre_hook(fn)
         return module.register_forward_hook(fn)
 
+    device = next(model.parameters()).device
     handle = register(capture)
-    model(input_ids=torch.tensor([cf_ids]))
+    model(input_ids=torch.tensor([cf_ids], device=device))
     handle.remove()
     handle = register(replace)
     try:
-        return model(input_ids=torch.tensor([clean_ids])).logits[0, -1].float()
+        return model(input_ids=torch.tensor([clean_ids], device=device)).logits[0, -1].float()
     finally:
         handle.remove()

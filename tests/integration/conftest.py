@@ -74,6 +74,7 @@ def write_spec(folder: Path, model: str, **overrides) -> Path:
     }
     for key, value in overrides.items():
         spec[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
