@@ -115,6 +115,16 @@ def accuracy_by_depth(df: pd.DataFrame) -> alt.FacetChart:
     )
 
 
+def _effect_color(df: pd.DataFrame) -> alt.Color:
+    """Mean normalized effect on a diverging scale centred on 0, symmetric about it."""
+    extent = max(0.05, float(df["mean_effect"].abs().max() or 0)) if len(df) else 1.0
+    return alt.Color(
+        "mean_effect:Q",
+        title="mean normalized effect",
+        scale=alt.Scale(scheme=DIVERGING, domain=[-extent, extent], domainMid=0),
+    )
+
+
 def _label_order(labels) -> list[str]:
     refs = sorted(
         (x for x in labels if x.startswith("ref_depth_")), key=lambda x: int(x.split("_")[2])
@@ -126,7 +136,6 @@ def _label_order(labels) -> list[str]:
 def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
     """Layer x token label, colour = mean normalized effect, one panel per model and site."""
     use_theme()
-    extent = max(0.05, float(df["mean_effect"].abs().max() or 0)) if len(df) else 1.0
     return (
         alt.Chart(df)
         .mark_rect()
@@ -138,11 +147,7 @@ def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
                 axis=alt.Axis(labelAngle=-40),
             ),
             y=alt.Y("layer:O", title="layer", sort="descending"),
-            color=alt.Color(
-                "mean_effect:Q",
-                title="mean normalized effect",
-                scale=alt.Scale(scheme=DIVERGING, domain=[-extent, extent], domainMid=0),
-            ),
+            color=_effect_color(df),
             tooltip=[
                 "model",
                 "site",
@@ -183,18 +188,13 @@ def flip_rate(df: pd.DataFrame) -> alt.FacetChart:
 def heads(df: pd.DataFrame) -> alt.FacetChart:
     """Layer x head grid of mean effect at the query variable and the final colon."""
     use_theme()
-    extent = max(0.05, float(df["mean_effect"].abs().max() or 0)) if len(df) else 1.0
     return (
         alt.Chart(df)
         .mark_rect()
         .encode(
             x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("layer:O", title="layer", sort="descending"),
-            color=alt.Color(
-                "mean_effect:Q",
-                title="mean normalized effect",
-                scale=alt.Scale(scheme=DIVERGING, domain=[-extent, extent], domainMid=0),
-            ),
+            color=_effect_color(df),
             tooltip=["model", "layer", "head", "label", alt.Tooltip("mean_effect:Q", format=".3f")],
         )
         .properties(width=PANEL, height=PANEL)

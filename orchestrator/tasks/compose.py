@@ -9,6 +9,7 @@ their values with the family's own model of Python's semantics (tests check it b
 text).
 """
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 
@@ -18,6 +19,9 @@ from orchestrator.tasks.base import (
     Program,
     Style,
     assign_op,
+    check_seq_len,
+    check_style,
+    program_rng,
     query_line,
     replace_at,
 )
@@ -89,45 +93,46 @@ def _counterfactual(
     return None
 
 
-def assemble(
-    *,
-    task: str,
-    seed: int,
-    seq_len: int,
-    index: int,
-    rng: random.Random,
-    style: Style,
-    blocks: Sequence[Block],
-    reserved: set[str],
-    query: str,
-    consts: list[int],
-    evaluate: Evaluate,
-) -> Program | None:
-    """Fill the blocks to `seq_len` lines with distractors, write the text, find the counterfactual.
+@dataclasses.dataclass(frozen=True)
+class Core:
+    """What a family draws for one program.
 
-    Args:
+    Attributes:
         blocks: the family's lines; constants labelled with `const(k, value)`.
         reserved: names the family uses; distractors use the other letters.
         query: the variable whose final value is the answer.
         consts: the constants' values, by k.
         evaluate: the answer for any values of the constants, or None where the family rules
             the program out (e.g. an answer outside the candidate range).
+    """
+
+    blocks: Sequence[Block]
+    reserved: set[str]
+    query: str
+    consts: list[int]
+    evaluate: Evaluate
+
+
+def assemble(
+    task: str, seed: int, seq_len: int, index: int, rng: random.Random, style: Style, core: Core
+) -> Program | None:
+    """Fill the core to `seq_len` lines with distractors, write the text, find the counterfactual.
 
     Returns:
         The program, or None when no single-constant change moves the answer (the caller draws
         again, so every program has a counterfactual).
     """
-    core_lines = sum(len(b) for b in blocks)
+    core_lines = sum(len(b) for b in core.blocks)
     assert core_lines <= seq_len, f"{task}: {core_lines} core lines exceed seq_len={seq_len}"
-    names = [c for c in LETTERS if c not in reserved]
+    names = [c for c in LETTERS if c not in core.reserved]
     extra = distractor_lines(rng, names, seq_len - core_lines, style)
     out = LineBuilder()
-    for line in interleave(rng, blocks, extra):
+    for line in interleave(rng, core.blocks, extra):
         out.add(*line)
-    out.add(*query_line(query))
-    answer = evaluate(consts)
-    assert answer is not None, f"{task}: the family drew constants {consts} it rules out"
-    found = _counterfactual(rng, consts, evaluate, answer)
+    out.add(*query_line(core.query))
+    answer = core.evaluate(core.consts)
+    assert answer is not None, f"{task}: the family drew constants {core.consts} it rules out"
+    found = _counterfactual(rng, core.consts, core.evaluate, answer)
     if found is None:
         return None
     k, digit, cf_answer = found
@@ -141,17 +146,36 @@ def assemble(
         seed=seed,
         text=out.text,
         answer=answer,
-        query=query,
+        query=core.query,
         cf_text=replace_at(out.text, start, str(digit)),
         cf_answer=cf_answer,
         spans=dict(sorted(spans.items())),
     )
 
 
-def draw(task: str, attempt: Callable[[], Program | None], tries: int = 1_000) -> Program:
-    """Call `attempt` (which draws from the program's own rng) until it returns a program."""
+def generate_family(
+    task: str,
+    min_seq_len: int,
+    draw_core: Callable[[random.Random, int, Style], Core],
+    seed: int,
+    seq_len: int,
+    index: int,
+    style: str,
+    tries: int = 1_000,
+) -> Program:
+    """Program `index` of a family's (seed, seq_len) stream: draw cores until one has a
+    counterfactual.
+
+    Raises:
+        ValueError: seq_len below the family's minimum, or a bad style.
+    """
+    check_seq_len(task, seq_len, minimum=min_seq_len)
+    checked = check_style(style)
+    rng = program_rng(seed, task, seq_len, index)
     for _ in range(tries):
-        program = attempt()
+        program = assemble(
+            task, seed, seq_len, index, rng, checked, draw_core(rng, seq_len, checked)
+        )
         if program is not None:
             return program
     raise RuntimeError(
