@@ -5,12 +5,10 @@ import collections
 import json
 import os
 import signal
-import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from transformers import AutoTokenizer
 
 from actors.targets import encode_pair
@@ -121,39 +119,22 @@ def test_sigkilled_driver_resumes_to_the_same_rows(tmp_path, ray_address, tiny_m
 
 
 def test_killed_actor_requeues_its_shard(tmp_path, ray_address, tiny_model) -> None:
-    from orchestrator.__main__ import main
-
     spec_path = write_spec(tmp_path, tiny_model)
     results = tmp_path / "results" / "it"
-    os.environ["VARBIND_FAULTS"] = json.dumps({"sleep_s": 0.5})
-    killed = []
-
-    def killer() -> None:
-        def worker_pid() -> int | None:
-            if len(list(results.rglob("*/*/*.parquet"))) < 2:
-                return None
-            return next(iter(actor_pids()), None)
-
-        assert wait_for(lambda: worker_pid() is not None, every=0.5)
-        pid = worker_pid()
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
-    thread = threading.Thread(target=killer)
-    try:
-        ray.init(address=ray_address)
-        thread.start()
-        code = main([str(spec_path), "--address", ray_address])
-        thread.join()
-    finally:
-        del os.environ["VARBIND_FAULTS"]
-        ray.shutdown()
-    assert killed, "an actor was killed mid-run"
-    assert code == 0
+    proc = start_cli(
+        spec_path, "--address", ray_address, env={"VARBIND_FAULTS": json.dumps({"sleep_s": 0.5})}
+    )
+    # Once two shards are written, the actor is busy with the next ones: kill it mid-shard.
+    assert wait_for(lambda: len(list(results.rglob("*/*/*.parquet"))) >= 2 and actor_pids())
+    victim = actor_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0
+    assert victim not in actor_pids()
     rows = read_rows(results, "patching")
     assert max(patch_keys(rows).values()) == 1
     assert len(rows) == expected_patch_rows(spec_path, tiny_model)
-    assert run_json(results)["status"] == "complete"
+    info = run_json(results)
+    assert info["status"] == "complete" and info["shards"]["finished"] == 25
 
 
 def test_out_of_memory_splits_the_shard(tmp_path, ray_address, tiny_model) -> None:
