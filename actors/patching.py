@@ -94,6 +94,10 @@ def _envoy(root: Any, path: str) -> Any:
     return node
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward once the wanted layer has run."""
+
+
 class Patcher:
     """Patches programs on one loaded model. Plain class: the orchestrator's actor wraps it.
 
@@ -158,6 +162,112 @@ class Patcher:
             cache.update(k, v, layer)
         return cache
 
+    def _run_suffix(
+        self,
+        clean_ids: Sequence[int],
+        kv: DynamicCache,
+        p: int,
+        end: int,
+        joins: list[list[Tensor]],
+        heads: list[list[tuple[int, tuple[int, Tensor]]]],
+        mlps: list[list[tuple[int, Tensor]]],
+        capture: list[list[int]] | None = None,
+    ) -> Tensor | list[Tensor]:
+        """One forward over tokens p..end-1 (earlier ones from the clean KV cache), with rows
+        that join the batch at their layer.
+
+        Args:
+            joins: per layer, hidden states `[pos, d_model]` of the rows joining there; batch
+                indices follow the joining order, from 0.
+            heads: per layer, (batch index, (head, `[d_head]` value)) written into that head's
+                slice of the attention output projection's input at the first position.
+            mlps: per layer, (batch index, `[d_model]` value) written as the MLP's output at the
+                first position.
+            capture: per layer, batch indices whose output of that layer (first position) to
+                return; the forward stops after the last such layer.
+
+        Returns:
+            Last-position logits `[rows, vocab]`, or the captured states in capture order.
+        """
+        n_layers = self.arch.n_layers
+        # The forward starts from the clean tokens (batch of one) only because a model starts at
+        # its embeddings; that row is dropped where the first rows join.
+        first = next(x for x in range(n_layers) if joins[x])
+        batch, size = [], 0
+        for layer in range(n_layers):
+            size += len(joins[layer])
+            batch.append(size if layer >= first else 1)
+        captured: list[Tensor] = []
+        last = max((x for x in range(n_layers) if capture and capture[x]), default=None)
+
+        def join(layer: int) -> Callable:
+            def pre_hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                fresh = torch.stack(joins[layer]).to(hidden.dtype)
+                hidden = fresh if layer == first else torch.cat([hidden, fresh], dim=0)
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+
+            return pre_hook
+
+        def write_heads(layer: int) -> Callable:
+            def pre_hook(module, args):
+                z = args[0].clone()
+                view = z.view(*z.shape[:2], self.arch.n_heads, self.arch.d_head)
+                for b, (h, value) in heads[layer]:
+                    view[b, 0, h] = value.to(z.dtype)
+                return (z, *args[1:])
+
+            return pre_hook
+
+        def write_mlp(layer: int) -> Callable:
+            def hook(module, args, output):
+                out = output.clone()
+                for b, value in mlps[layer]:
+                    out[b, 0] = value.to(out.dtype)
+                return out
+
+            return hook
+
+        def read(layer: int) -> Callable:
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                captured.extend(hidden[b, 0] for b in capture[layer])
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = []
+        try:
+            for layer in range(n_layers):
+                if joins[layer]:
+                    handles.append(
+                        self.arch.layers[layer].register_forward_pre_hook(
+                            join(layer), with_kwargs=True
+                        )
+                    )
+                if heads[layer]:
+                    handles.append(
+                        self.arch.attn_out[layer].register_forward_pre_hook(write_heads(layer))
+                    )
+                if mlps[layer]:
+                    handles.append(self.arch.mlp[layer].register_forward_hook(write_mlp(layer)))
+                if capture and capture[layer]:
+                    handles.append(self.arch.layers[layer].register_forward_hook(read(layer)))
+            ids = torch.tensor([list(clean_ids[p:end])], device=self.lm.device)
+            kwargs = {self._cache_kwarg: self._prefix_cache(kv, p, batch), "use_cache": p > 0}
+            try:
+                logits = self.lm.model(input_ids=ids, logits_to_keep=1, **kwargs).logits[:, -1]
+            except _StopForward:
+                return captured
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert last is None, "the forward ended before the last captured layer"
+        return logits
+
     @torch.no_grad()
     def patched_logits(
         self,
@@ -170,82 +280,58 @@ class Patcher:
     ) -> Float[Tensor, "row vocab"]:
         """Last-position logits of the clean run with each row's patch at position `p`.
 
-        Rows must share `pos == p`. Row i joins the batch at its layer with the clean
-        residual stream of positions p.. as input, so layers below it are not recomputed.
+        Rows must share `pos == p`. A row joins the batch at its layer, with the clean residual
+        stream of positions p.. as input, so the layers below it are not recomputed. A head
+        patch at layer L < last, p < last position changes only position p's residual after
+        layer L: a one-position forward computes that residual for all such rows at once, and
+        they join the main forward at layer L + 1. At the last layer and p < last position, a
+        head patch cannot reach the last position's logits: those rows keep the clean logits.
         """
         assert all(r.pos == p for r in rows), f"rows at positions {sorted({r.pos for r in rows})}"
-        order = sorted(range(len(rows)), key=lambda i: rows[i].layer)
-        ordered = [rows[i] for i in order]
-        n_layers = self.arch.n_layers
-        joining = [
-            [j for j, r in enumerate(ordered) if r.layer == layer] for layer in range(n_layers)
-        ]
-        # Batch index 0 is the unpatched clean suffix; row j of `ordered` is batch index j + 1.
-        batch, size = [], 1
-        for layer in range(n_layers):
-            size += len(joining[layer])
-            batch.append(size)
-        hooks = []
-
-        def join(layer: int) -> Callable:
-            def pre_hook(module, args, kwargs):
-                new = joining[layer]
-                if not new:
-                    return None
-                hidden = args[0] if args else kwargs["hidden_states"]
-                fresh = clean.resid_pre[layer, p:].unsqueeze(0).repeat(len(new), 1, 1)
-                for k, j in enumerate(new):
-                    if ordered[j].site == "resid_pre":
-                        fresh[k, 0] = cf.resid_pre[layer, p]
-                hidden = torch.cat([hidden, fresh.to(hidden.dtype)], dim=0)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            return pre_hook
-
-        def heads(layer: int) -> Callable | None:
-            targets = [
-                (j + 1, ordered[j].head) for j in joining[layer] if ordered[j].site == "attn_head"
-            ]
-
-            def pre_hook(module, args):
-                z = args[0].clone()
-                view = z.view(*z.shape[:2], self.arch.n_heads, self.arch.d_head)
-                for b, h in targets:
-                    view[b, 0, h] = cf.z[layer, p, h]
-                return (z, *args[1:])
-
-            return pre_hook if targets else None
-
-        def mlp(layer: int) -> Callable | None:
-            targets = [j + 1 for j in joining[layer] if ordered[j].site == "mlp_out"]
-
-            def hook(module, args, output):
-                out = output.clone()
-                out[targets, 0] = cf.mlp_out[layer, p].to(out.dtype)
-                return out
-
-            return hook if targets else None
-
-        try:
-            for layer in range(n_layers):
-                hooks.append(
-                    self.arch.layers[layer].register_forward_pre_hook(join(layer), with_kwargs=True)
-                )
-                if (h := heads(layer)) is not None:
-                    hooks.append(self.arch.attn_out[layer].register_forward_pre_hook(h))
-                if (h := mlp(layer)) is not None:
-                    hooks.append(self.arch.mlp[layer].register_forward_hook(h))
-            ids = torch.tensor([list(clean_ids[p:])], device=self.lm.device)
-            kwargs = {self._cache_kwarg: self._prefix_cache(kv, p, batch), "use_cache": p > 0}
-            logits = self.lm.model(input_ids=ids, logits_to_keep=1, **kwargs).logits[:, -1]
-        finally:
-            for handle in hooks:
-                handle.remove()
-        assert logits.shape[0] == len(rows) + 1, f"batch {logits.shape[0]} != {len(rows)} + 1"
-        out = torch.empty(len(rows), logits.shape[-1], dtype=torch.float32, device=logits.device)
-        out[order] = logits[1:].float()
+        n_layers, end = self.arch.n_layers, len(clean_ids)
+        out = clean.logits.unsqueeze(0).repeat(len(rows), 1)
+        early_heads = [i for i, r in enumerate(rows) if r.site == "attn_head" and p < end - 1]
+        first_pass = [i for i in early_heads if rows[i].layer < n_layers - 1]
+        after_heads: dict[int, Tensor] = {}
+        if first_pass:
+            joins: list[list[Tensor]] = [[] for _ in range(n_layers)]
+            heads: list[list] = [[] for _ in range(n_layers)]
+            capture: list[list[int]] = [[] for _ in range(n_layers)]
+            order = sorted(first_pass, key=lambda i: rows[i].layer)
+            for b, i in enumerate(order):
+                layer = rows[i].layer
+                joins[layer].append(clean.resid_pre[layer, p : p + 1])
+                heads[layer].append((b, (rows[i].head, cf.z[layer, p, rows[i].head])))
+                capture[layer].append(b)
+            captured = self._run_suffix(
+                clean_ids, kv, p, p + 1, joins, heads, [[] for _ in range(n_layers)], capture
+            )
+            # Capture order is layer by layer, rows in joining order: the order of `order`.
+            after_heads = dict(zip(order, captured, strict=True))
+        skipped = set(early_heads) - set(after_heads)  # last-layer heads: clean logits
+        main = [i for i in range(len(rows)) if i not in skipped]
+        if not main:
+            return out
+        joins = [[] for _ in range(n_layers)]
+        heads = [[] for _ in range(n_layers)]
+        mlps: list[list] = [[] for _ in range(n_layers)]
+        start_layer = {i: rows[i].layer + (i in after_heads) for i in main}
+        order = sorted(main, key=lambda i: start_layer[i])
+        for b, i in enumerate(order):
+            row, layer = rows[i], start_layer[i]
+            fresh = clean.resid_pre[layer, p:].clone()
+            if row.site == "resid_pre":
+                fresh[0] = cf.resid_pre[layer, p]
+            elif i in after_heads:
+                fresh[0] = after_heads[i]
+            elif row.site == "attn_head":
+                heads[layer].append((b, (row.head, cf.z[layer, p, row.head])))
+            else:
+                mlps[layer].append((b, cf.mlp_out[layer, p]))
+            joins[layer].append(fresh)
+        logits = self._run_suffix(clean_ids, kv, p, end, joins, heads, mlps)
+        assert logits.shape[0] == len(main), f"batch {logits.shape[0]} != {len(main)} rows"
+        out[order] = logits.float()
         return out
 
     # -- rows and metrics -------------------------------------------------------------------
