@@ -26,10 +26,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
+import multiprocessing
+import os
 import random
 import shutil
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -98,8 +102,24 @@ class TrainConfig(BaseModel):
     embed_fraction: float = 0.5
     embed_per_line: float = 0.5
     threads: int = 2
+    device: str = "cpu"  # cpu, cuda, or auto (cuda where available)
+    data_workers: int = 0  # processes drawing batches ahead of the trainer (0: in-process)
+    # Learning rate: linear warm-up to `lr`, constant, then (when `decay_steps` > 0) a cosine
+    # from `lr` at `decay_start` down to `lr_min` at `decay_start + decay_steps`, then flat.
+    decay_start: int = 0
+    decay_steps: int = 0
+    lr_min: float = 0.0
     # Keep a copy of the first model past each held-out accuracy, as `<out_dir>-step<N>`.
     snapshot_at: dict[str, float] = {"acc55": 0.55, "acc80": 0.8}
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of `step` (0-based): warm-up, constant, then the optional cosine decay."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.decay_steps > 0 and step >= cfg.decay_start:
+        done = min(1.0, (step - cfg.decay_start) / cfg.decay_steps)
+        lr = cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * done))
+    return lr
 
 
 def _assignments(text: str) -> list[tuple[str, str]]:
@@ -164,6 +184,96 @@ def make_example(
     return Example("\n".join(out), targets, targets[-1])
 
 
+Drawn = tuple[list[list[int]], list[list[int]], list[int]]
+
+
+def draw_batch(cfg: TrainConfig, stage_index: int, step: int, tokenizer) -> Drawn:
+    """The batch of `step` under curriculum stage `stage_index`, as plain lists.
+
+    A function of (config, stage, step) alone, so that worker processes can draw batches ahead
+    and a resumed run draws the same ones. Right-padded token ids; labels are -100 except at
+    the answer characters (char-level: character c is token c + 1); the final-query positions.
+    """
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    examples: list[Example] = []
+    for row in range(cfg.batch_size):
+        use = stage_index
+        if stage_index > 0 and rng.random() < cfg.mix_previous:
+            use = rng.randrange(stage_index)
+        stage = cfg.stages[use]
+        seq_len = rng.randint(stage.min_len, stage.max_len)
+        program = binding.generate(
+            cfg.train_seed + use,
+            seq_len,
+            step * cfg.batch_size + row,
+            style="paper",
+            max_depth=stage.max_depth,
+            p_var=stage.p_var,
+            n_names=stage.n_names,
+        )
+        copy = rng.random() < stage.copy_fraction
+        most = max(1, round(cfg.embed_per_line * seq_len))
+        n_embedded = rng.randint(1, most) if rng.random() < cfg.embed_fraction else 0
+        examples.append(make_example(program, rng, n_embedded, stage.colon, copy))
+    pad = tokenizer.pad_token_id
+    seqs = [tokenizer(ex.text)["input_ids"] for ex in examples]
+    width = max(map(len, seqs))
+    ids, labels = [], []
+    for ex, seq in zip(examples, seqs, strict=True):
+        assert len(seq) == len(ex.text) + 1, "the trainer assumes a char-level tokenizer"
+        lab = [-100] * width
+        for c in ex.targets:
+            lab[c + 1] = seq[c + 1]
+        ids.append(seq + [pad] * (width - len(seq)))
+        labels.append(lab)
+    return ids, labels, [ex.final for ex in examples]  # the token before the answer predicts it
+
+
+_WORKER: tuple[TrainConfig, object] | None = None
+
+
+def _init_worker(cfg: TrainConfig) -> None:
+    global _WORKER
+    _WORKER = (cfg, build_char_tokenizer())
+
+
+def _draw_in_worker(stage_index: int, step: int) -> Drawn:
+    assert _WORKER is not None
+    cfg, tokenizer = _WORKER
+    return draw_batch(cfg, stage_index, step, tokenizer)
+
+
+class BatchPrefetcher:
+    """Worker processes that draw the next batches while the model trains on this one.
+
+    Batches are requested for (stage, step) in order; when the curriculum moves on, the batches
+    drawn ahead for the old stage are dropped and drawing starts again from the asked step.
+    Workers are forked before the model touches a GPU and never import CUDA themselves.
+    """
+
+    def __init__(self, cfg: TrainConfig, workers: int) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        ctx = multiprocessing.get_context("fork")
+        self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+        self.depth = 4 * workers
+        self.pending: deque = deque()  # ((stage, step), AsyncResult)
+        self.next_step = 0
+
+    def get(self, stage_index: int, step: int) -> Drawn:
+        if not self.pending or self.pending[0][0] != (stage_index, step):
+            self.pending.clear()
+            self.next_step = step
+        while len(self.pending) < self.depth:
+            key = (stage_index, self.next_step)
+            self.pending.append((key, self.pool.apply_async(_draw_in_worker, key)))
+            self.next_step += 1
+        return self.pending.popleft()[1].get()
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
 class Trainer:
     """Owns the model, optimizer, curriculum state and program counter of one run."""
 
@@ -171,6 +281,15 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.tokenizer = build_char_tokenizer()
+        # Fork the batch workers before anything touches a GPU.
+        self.prefetch = BatchPrefetcher(cfg, cfg.data_workers) if cfg.data_workers else None
+        if cfg.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.device_name = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        )
         torch.manual_seed(cfg.seed)
         self.model = LlamaForCausalLM(
             LlamaConfig(
@@ -186,7 +305,7 @@ class Trainer:
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        )
+        ).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -228,7 +347,7 @@ class Trainer:
         tmp.replace(self.run_dir / "checkpoint.pt")
 
     def _load(self) -> None:
-        state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False)
+        state = torch.load(self.run_dir / "checkpoint.pt", weights_only=False, map_location="cpu")
         saved = TrainConfig(**state["config"])
         for key in ("n_layers", "d_model", "n_heads", "d_mlp", "seed", "train_seed"):
             if getattr(saved, key) != getattr(self.cfg, key):
@@ -248,56 +367,18 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token ids, labels (-100 except answer tokens), and the final-answer positions."""
-        cfg = self.cfg
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        examples: list[Example] = []
-        for row in range(cfg.batch_size):
-            use = self.stage
-            if self.stage > 0 and rng.random() < cfg.mix_previous:
-                use = rng.randrange(self.stage)
-            stage = cfg.stages[use]
-            seq_len = rng.randint(stage.min_len, stage.max_len)
-            program = binding.generate(
-                cfg.train_seed + use,
-                seq_len,
-                step * cfg.batch_size + row,
-                style="paper",
-                max_depth=stage.max_depth,
-                p_var=stage.p_var,
-                n_names=stage.n_names,
-            )
-            copy = rng.random() < stage.copy_fraction
-            most = max(1, round(cfg.embed_per_line * seq_len))
-            n_embedded = rng.randint(1, most) if rng.random() < cfg.embed_fraction else 0
-            examples.append(make_example(program, rng, n_embedded, stage.colon, copy))
-        return self._encode(examples)
-
-    def _encode(self, examples: list[Example]) -> tuple[torch.Tensor, ...]:
-        """Pad right; label the target characters (char-level: character c is token c + 1)."""
-        pad = self.tokenizer.pad_token_id
-        seqs, labels, finals = [], [], []
-        for ex in examples:
-            ids = self.tokenizer(ex.text)["input_ids"]
-            assert len(ids) == len(ex.text) + 1, "the trainer assumes a char-level tokenizer"
-            lab = [-100] * len(ids)
-            for c in ex.targets:
-                lab[c + 1] = ids[c + 1]
-            seqs.append(ids)
-            labels.append(lab)
-            finals.append(ex.final)  # the token before the answer predicts it
-        width = max(map(len, seqs))
-        ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
-        lab_t = torch.full((len(seqs), width), -100, dtype=torch.long)
-        for row, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
-            ids_t[row, : len(s)] = torch.tensor(s)
-            lab_t[row, : len(lab)] = torch.tensor(lab)
-        return ids_t, lab_t, torch.tensor(finals)
+        if self.prefetch is not None:
+            drawn = self.prefetch.get(self.stage, step)
+        else:
+            drawn = draw_batch(self.cfg, self.stage, step, self.tokenizer)
+        ids, labels, finals = (torch.tensor(x) for x in drawn)
+        return ids.to(self.device), labels.to(self.device), finals.to(self.device)
 
     # -- loop -----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
         cfg = self.cfg
         ids, labels, finals = self.batch(self.step)
-        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        lr = learning_rate(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         logits = self.model(
@@ -312,7 +393,7 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
-        rows = torch.arange(ids.size(0))
+        rows = torch.arange(ids.size(0), device=ids.device)
         acc = (logits[rows, finals].argmax(-1) == ids[rows, finals + 1]).float().mean().item()
         return loss.item(), acc
 
@@ -338,9 +419,61 @@ class Trainer:
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
 
-    def run(self, max_steps: int) -> None:
+    def fit_schedule(self, steps_per_s: float, seconds: float, decay_fraction: float) -> int:
+        """Set max_steps and the cosine decay so that the run ends within `seconds`.
+
+        The run's remaining steps are what `steps_per_s` (measured on this machine) fits in 90%
+        of the time left; the decay takes their last `decay_fraction`. The settings are recorded
+        in the checkpoint's config, the exported `training_state.json` and the log's `lr`.
+        """
+        n = max(1, int(steps_per_s * seconds * 0.9))
+        decay = int(n * decay_fraction)
+        self.cfg = self.cfg.model_copy(
+            update={
+                "max_steps": self.step + n,
+                "decay_start": self.step + n - decay,
+                "decay_steps": decay,
+            }
+        )
+        event = {
+            "event": "fit",
+            "step": self.step,
+            "steps_per_s": round(steps_per_s, 2),
+            "seconds": round(seconds, 1),
+            "max_steps": self.cfg.max_steps,
+            "decay_start": self.cfg.decay_start,
+            "lr_min": self.cfg.lr_min,
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(event) + "\n")
+        logger.info(
+            "%.1f steps/s: training to step %d, cosine decay to lr %g from step %d",
+            steps_per_s,
+            self.cfg.max_steps,
+            self.cfg.lr_min,
+            self.cfg.decay_start,
+        )
+        return self.cfg.max_steps
+
+    def run(
+        self,
+        max_steps: int,
+        fit_minutes: float | None = None,
+        decay_fraction: float = 0.5,
+        probe_steps: int = 200,
+    ) -> None:
+        """Train to `max_steps`, or, with `fit_minutes`, for that long with a fitted schedule.
+
+        With `fit_minutes`, the first `probe_steps` measure the step rate, then `fit_schedule`
+        sets the end and the decay; the run stops at the deadline in any case, and evaluates,
+        exports and checkpoints there.
+        """
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
+        session_start = time.time()
+        deadline = session_start + 60 * fit_minutes if fit_minutes else None
+        first_step = self.step
         self.model.train()
         log_path = self.run_dir / "log.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +492,16 @@ class Trainer:
                 bar.write(f"step {self.step}: stage {cfg.stages[self.stage].name}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}", stage=self.stage)
-            self.wall_s = time.time() - start
+            now = time.time()
+            self.wall_s = now - start
+            if deadline is not None:
+                if self.step - first_step == probe_steps:
+                    rate = probe_steps / (now - session_start)
+                    max_steps = self.fit_schedule(rate, deadline - now, decay_fraction)
+                    cfg = self.cfg
+                    bar.total = max_steps
+                if now >= deadline:
+                    max_steps = self.step
             if self.step % cfg.eval_every == 0 or self.step == max_steps:
                 report = self.evaluate()
                 row = {
@@ -368,6 +510,9 @@ class Trainer:
                     "loss": round(loss, 4),
                     "train_acc": round(sum(self.recent) / max(1, len(self.recent)), 4),
                     "wall_s": round(self.wall_s, 1),
+                    "lr": learning_rate(cfg, self.step - 1),
+                    "device": self.device_name,
+                    "batch_size": cfg.batch_size,
                     **{k: round(v, 4) for k, v in report.items()},
                 }
                 with log_path.open("a") as f:
@@ -382,6 +527,8 @@ class Trainer:
                         self.export(Path(f"{cfg.out_dir}-step{self.step}"))
                 self._save()
         bar.close()
+        if self.prefetch is not None:
+            self.prefetch.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,19 +542,37 @@ def main(argv: list[str] | None = None) -> int:
         "model and its card stay put)",
     )
     parser.add_argument("--fresh", action="store_true", help="discard the run directory first")
+    parser.add_argument("--device", help="cpu, cuda or auto (overrides the config)")
+    parser.add_argument("--batch-size", type=int, help="overrides the config")
+    parser.add_argument("--data-workers", type=int, help="batch-drawing processes")
+    parser.add_argument("--lr-min", type=float, help="where the cosine decay ends")
+    parser.add_argument(
+        "--fit-minutes",
+        type=float,
+        help="train for this long: measure the step rate, then end with a cosine decay "
+        "(--decay-fraction of the remaining steps) at the deadline",
+    )
+    parser.add_argument("--decay-fraction", type=float, default=0.5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    fields = yaml.safe_load(args.config.read_text()) if args.config else {}
+    fields = (yaml.safe_load(args.config.read_text()) if args.config else None) or {}
     if args.threads:
         fields["threads"] = args.threads
     if args.out_dir:
         fields["out_dir"] = args.out_dir
+    overrides = {
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "data_workers": args.data_workers,
+        "lr_min": args.lr_min,
+    }
+    fields.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = TrainConfig(**(fields or {}))
     except ValueError as err:
         parser.error(f"{args.config}: {err}")
     trainer = Trainer(cfg, fresh=args.fresh)
-    trainer.run(args.max_steps or cfg.max_steps)
+    trainer.run(args.max_steps or cfg.max_steps, args.fit_minutes, args.decay_fraction)
     return 0
 
 
