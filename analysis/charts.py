@@ -107,8 +107,10 @@ def accuracy_by_depth(df: pd.DataFrame) -> alt.FacetChart:
             legend=alt.Legend(orient="bottom"),
         ),
     )
+    # Dashed over solid, so that both show where the two groups coincide (e.g. both at 1.0).
+    dash = alt.StrokeDash("programs:N", scale=alt.Scale(range=[[1, 0], [5, 4]]), legend=None)
     return (
-        alt.layer(base.mark_line(), base.mark_point(), data=data)
+        alt.layer(base.mark_line().encode(strokeDash=dash), base.mark_point(), data=data)
         .properties(width=PANEL, height=PANEL)
         .facet(facet=alt.Facet("model:N", title=None), columns=3)
         .properties(title="Binding accuracy by chain depth, root on line 1-2 or later")
