@@ -112,3 +112,15 @@ def wait_for(predicate, timeout: float = 300, every: float = 0.2) -> bool:
 
 def run_json(results: Path) -> dict:
     return json.loads((results / "run.json").read_text())
+
+
+def report_rows(fault: str, got, want) -> None:
+    """Print one line on the final patch rows of a faulted run against an unfaulted one
+    (`pytest tests/integration -s | grep 'fault report'` gives the table)."""
+    missing = sum((want - got).values()) if hasattr(want, "keys") else want - len(got)
+    extra = sum(c - 1 for c in got.values() if c > 1)
+    total = sum(want.values()) if hasattr(want, "keys") else want
+    print(
+        f"\nfault report | {fault} | {sum(got.values())} rows | unfaulted {total} "
+        f"| {missing} missing | {extra} duplicated"
+    )

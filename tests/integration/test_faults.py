@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import connect
-from tests.integration.conftest import run_cli, run_json, start_cli, wait_for, write_spec
+from tests.integration.conftest import (
+    report_rows,
+    run_cli,
+    run_json,
+    start_cli,
+    wait_for,
+    write_spec,
+)
 from tests.integration.test_orchestrator import patch_keys, read_rows
 
 pytestmark = pytest.mark.slow
@@ -49,7 +56,9 @@ def test_two_nodes_then_one_leaves_mid_sweep(tmp_path, tiny_model) -> None:
         assert proc.wait(timeout=900) == 0
         info = run_json(results)
         assert info["status"] == "complete" and info["shards"]["failed"] == 0
-        assert patch_keys(read_rows(results, "patching")) == want
+        got = patch_keys(read_rows(results, "patching"))
+        report_rows("second of two nodes removed mid-sweep", got, want)
+        assert got == want
     finally:
         cluster.shutdown()
 
@@ -85,7 +94,9 @@ def test_disk_full_stops_cleanly_and_resumes(tmp_path, ray_address, tiny_model) 
         out = run_cli(spec_path, "--address", ray_address)
         assert out.returncode == 0, out.stderr
         assert f"{25 - len(written)} shards run, {len(written)} already done" in out.stdout
-        assert patch_keys(read_rows(results, "patching")) == want
+        got = patch_keys(read_rows(results, "patching"))
+        report_rows(f"disk full after {len(written)} of 25 shards, resumed", got, want)
+        assert got == want
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 
@@ -106,5 +117,7 @@ def test_damaged_or_half_written_files(tmp_path, ray_address, tiny_model) -> Non
     out = run_cli(spec_path, "--address", ray_address)
     assert out.returncode == 0, out.stderr
     assert "1 shards run, 24 already done" in out.stdout
-    assert patch_keys(read_rows(results, "patching")) == want
+    got = patch_keys(read_rows(results, "patching"))
+    report_rows("half-written temporary + truncated shard file, resumed", got, want)
+    assert got == want
     assert not any((results / ".tmp").iterdir()), "temporaries cleared on resume"

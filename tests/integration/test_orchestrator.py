@@ -15,7 +15,14 @@ from actors.targets import encode_pair
 from orchestrator.shards import count_shards, iter_shards
 from orchestrator.spec import check_models, load_spec
 from orchestrator.tasks import iter_programs
-from tests.integration.conftest import run_cli, run_json, start_cli, wait_for, write_spec
+from tests.integration.conftest import (
+    report_rows,
+    run_cli,
+    run_json,
+    start_cli,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +121,7 @@ def test_sigkilled_driver_resumes_to_the_same_rows(tmp_path, ray_address, tiny_m
     assert out.returncode == 0, out.stderr
     assert f"{25 - done} shards run, {done} already done" in out.stdout
     got = patch_keys(read_rows(results, "patching"))
+    report_rows("driver SIGKILLed twice, rerun", got, want)
     assert got == want, "exactly the rows of an uninterrupted run, none twice"
     assert not list((results / ".tmp").glob("*")), "no temporary file left"
 
@@ -131,6 +139,9 @@ def test_killed_actor_requeues_its_shard(tmp_path, ray_address, tiny_model) -> N
     assert proc.wait(timeout=900) == 0
     assert victim not in actor_pids()
     rows = read_rows(results, "patching")
+    report_rows(
+        "actor SIGKILLed mid-shard", patch_keys(rows), expected_patch_rows(spec_path, tiny_model)
+    )
     assert max(patch_keys(rows).values()) == 1
     assert len(rows) == expected_patch_rows(spec_path, tiny_model)
     info = run_json(results)
@@ -159,6 +170,9 @@ def test_out_of_memory_splits_the_shard(tmp_path, ray_address, tiny_model) -> No
     assert parts and all(".part0of2." in p or ".part1of2." in p for p in parts)
     assert len(parts) == 2 * 10, "every 2-layer shard became two 1-layer parts"
     rows = read_rows(results, "patching")
+    report_rows(
+        "out of memory, shard split", patch_keys(rows), expected_patch_rows(spec_path, tiny_model)
+    )
     assert max(patch_keys(rows).values()) == 1
     assert len(rows) == expected_patch_rows(spec_path, tiny_model)
     rerun = run_cli(spec_path, "--address", ray_address)
