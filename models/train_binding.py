@@ -1,6 +1,7 @@
 """Train a small Llama from scratch on the binding task and export it in Hugging Face format.
 
     python -m models.train_binding --config models/binding-tiny.yaml [--max-steps N] [--fresh]
+        [--device cuda --batch-size B --data-workers W --lr-min LR --fit-minutes M]
 
 Programs stream fresh from `orchestrator.tasks.binding` (paper style, `a=5`), so no data set is
 stored. Two things make the lookup learnable on a CPU budget:
@@ -20,6 +21,11 @@ The run directory holds `checkpoint.pt` (model, optimizer, curriculum, step) wri
 evaluation, so a run can be stopped and resumed; `log.jsonl` holds the learning curve. The best
 model so far (by held-out accuracy on `max_seq_len`-line programs) is exported to `out_dir`, and
 the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-step<N>`.
+
+On a GPU the model is small enough that drawing programs is the bottleneck: `data_workers`
+processes draw the next batches (the same ones, in the same order) while the GPU trains, and
+`--fit-minutes` fits a session to a time budget (a GPU lease): it measures the step rate, then
+sets the last step and a cosine decay of the learning rate so that the session ends in time.
 """
 
 import argparse
@@ -527,8 +533,9 @@ class Trainer:
                         self.export(Path(f"{cfg.out_dir}-step{self.step}"))
                 self._save()
         bar.close()
-        if self.prefetch is not None:
+        if self.prefetch is not None:  # a later run() draws in-process
             self.prefetch.close()
+            self.prefetch = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--decay-fraction", type=float, default=0.5)
     args = parser.parse_args(argv)
+    if args.fit_minutes is not None and args.fit_minutes <= 0:
+        parser.error(f"--fit-minutes {args.fit_minutes}: give a positive number of minutes")
+    if not 0 <= args.decay_fraction <= 1:
+        parser.error(f"--decay-fraction {args.decay_fraction}: give a fraction in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fields = (yaml.safe_load(args.config.read_text()) if args.config else None) or {}
     if args.threads:
