@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from actors.arch import SITES, ArchMap
 from actors.loading import LoadedModel
-from actors.targets import EncodedPair, Positions, Skip, encode_pair
+from actors.targets import EncodedPair, Positions, Skip, encode_program
 
 logger = logging.getLogger(__name__)
 
@@ -425,16 +425,7 @@ class Patcher:
         columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
         for program in programs:
             prog = program if isinstance(program, dict) else program.to_dict()
-            if prog.get("cf_text") is None:
-                raise ValueError(f"program {prog['task']}/{prog['index']} has no counterfactual")
-            pair = encode_pair(
-                self.lm.tokenizer,
-                prog["text"],
-                prog["cf_text"],
-                prog["answer"],
-                prog["cf_answer"],
-                prog["spans"],
-            )
+            pair = encode_program(self.lm.tokenizer, prog)
             if isinstance(pair, Skip):
                 self.skipped.append((prog, pair.reason))
                 continue

@@ -12,6 +12,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from orchestrator.tasks.base import Program
+
 Positions = Literal["all", "targets"]
 OTHER = "other"
 
@@ -119,4 +121,25 @@ def encode_pair(
         labels=label_positions(enc["offset_mapping"], spans),
         tokens=[tokenizer.decode([t]) for t in clean_ids],
         first_diff=diffs[0],
+    )
+
+
+def encode_program(
+    tokenizer: PreTrainedTokenizerBase, program: Program | Mapping
+) -> EncodedPair | Skip:
+    """`encode_pair` on a program with a counterfactual (a `Program` or its `to_dict()`)."""
+    prog = program if isinstance(program, Mapping) else program.to_dict()
+    if prog.get("cf_text") is None:
+        raise ValueError(
+            f"program {prog['task']}/{prog['index']} has cf_text=None: patching needs a "
+            "counterfactual; generate the program with orchestrator.tasks (every family writes "
+            "one) or leave it out of the patching experiment"
+        )
+    return encode_pair(
+        tokenizer,
+        prog["text"],
+        prog["cf_text"],
+        prog["answer"],
+        prog["cf_answer"],
+        prog["spans"],
     )

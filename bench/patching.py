@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import Patcher, load_model
-from actors.targets import encode_pair
+from actors.targets import encode_program
 from orchestrator.tasks import generate
 from tests import reference
 from tests.tiny import save_tiny_model
@@ -66,14 +66,7 @@ def main() -> int:
         lm = load_model(str(folder), dtype=args.dtype, device=args.device)
     cuda = lm.device.type == "cuda"
     program = generate("binding", seed=0, seq_len=16, index=3)
-    pair = encode_pair(
-        lm.tokenizer,
-        program.text,
-        program.cf_text,
-        program.answer,
-        program.cf_answer,
-        program.spans,
-    )
+    pair = encode_program(lm.tokenizer, program)
     sites = ["resid_pre", "attn_head"]
     patcher = Patcher(lm, batch_size=args.batch_size)
     layers = list(range(lm.arch.n_layers))

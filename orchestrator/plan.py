@@ -38,7 +38,7 @@ def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
     if patching is not None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from actors.targets import Skip, encode_pair
+        from actors.targets import Skip, encode_program
 
         for model in spec.models:
             tokenizer = AutoTokenizer.from_pretrained(model.id)
@@ -54,9 +54,7 @@ def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
                     )
                     n_rows = n_fwd = 0
                     for p in sample:
-                        pair = encode_pair(
-                            tokenizer, p.text, p.cf_text, p.answer, p.cf_answer, p.spans
-                        )
+                        pair = encode_program(tokenizer, p)
                         if isinstance(pair, Skip):
                             continue
                         positions = pair.positions(patching.positions)

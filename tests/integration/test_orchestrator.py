@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from actors.targets import encode_pair
+from actors.targets import encode_program
 from orchestrator.shards import count_shards, iter_shards
 from orchestrator.spec import check_models, load_spec
 from orchestrator.tasks import iter_programs
@@ -63,7 +63,7 @@ def expected_patch_rows(spec_path: Path, model: str) -> int:
     for task in spec.tasks:
         for seq_len in task.seq_lens:
             for p in iter_programs(task.family, spec.seed, seq_len, task.n, **task.options):
-                pair = encode_pair(tok, p.text, p.cf_text, p.answer, p.cf_answer, p.spans)
+                pair = encode_program(tok, p)
                 total += len(pair.positions("targets")) * per_position
     return total
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from actors import PATCHING_SCHEMA, Patcher, load_model
-from actors.targets import encode_pair
+from actors.targets import encode_program
 from orchestrator.tasks import generate, iter_programs
 from tests import reference
 from tests.tiny import ARCHS, save_tiny_model
@@ -22,14 +22,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 def encoded(lm, program):
-    pair = encode_pair(
-        lm.tokenizer,
-        program.text,
-        program.cf_text,
-        program.answer,
-        program.cf_answer,
-        program.spans,
-    )
+    pair = encode_program(lm.tokenizer, program)
     assert not hasattr(pair, "reason"), pair
     return pair
 

@@ -2,7 +2,15 @@
 
 import pytest
 
-from actors.targets import OTHER, EncodedPair, Skip, answer_token, encode_pair, label_positions
+from actors.targets import (
+    OTHER,
+    EncodedPair,
+    Skip,
+    answer_token,
+    encode_pair,
+    encode_program,
+    label_positions,
+)
 from models.tokenizer import build_char_tokenizer
 from orchestrator.tasks import FAMILIES, iter_programs
 from tests.tiny import build_bpe_tokenizer
@@ -23,13 +31,9 @@ def programs():
         yield from iter_programs(task, seed=21, seq_len=8, n=25)
 
 
-def encode(tok, p) -> EncodedPair | Skip:
-    return encode_pair(tok, p.text, p.cf_text, p.answer, p.cf_answer, p.spans)
-
-
 def test_char_level_labels_land_on_the_span_characters(char_tok) -> None:
     for p in programs():
-        pair = encode(char_tok, p)
+        pair = encode_program(char_tok, p)
         assert isinstance(pair, EncodedPair), pair
         assert pair.labels[0] == OTHER, "<s> carries no label"
         for label, (start, end) in p.spans.items():
@@ -51,7 +55,7 @@ def test_bpe_labels_cover_their_spans(bpe_tok) -> None:
     merged = 0
     n_pairs = 0
     for p in programs():
-        pair = encode(bpe_tok, p)
+        pair = encode_program(bpe_tok, p)
         if isinstance(pair, Skip):
             continue
         n_pairs += 1
@@ -97,3 +101,9 @@ def test_pairs_that_cannot_be_patched_are_skipped_with_a_reason(char_tok, bpe_to
             found = encode_pair(bpe_tok, clean, cf, "1", "2", spans)
             break
     assert isinstance(found, Skip) and "tokenize to" in found.reason
+
+
+def test_a_program_without_counterfactual_is_refused_with_the_fix(char_tok) -> None:
+    prog = next(iter(programs())).to_dict() | {"cf_text": None}
+    with pytest.raises(ValueError, match="cf_text=None: patching needs a counterfactual"):
+        encode_program(char_tok, prog)
