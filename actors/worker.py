@@ -1,17 +1,19 @@
 """The actor body: one model, loaded once, serving every shard of that model.
 
-A plain class (the orchestrator makes it a Ray actor in one place). `run(shard)` regenerates the
-shard's programs from (seed, task, seq_len, indices) — programs never cross Ray — and returns
-Arrow tables. Out of memory, it halves its patching batch and tries again; at a batch of one it
-raises `ShardOutOfMemory`, and the driver splits the shard.
+A plain class (the orchestrator makes it a Ray actor in one place). It speaks the typed
+protocol of `orchestrator.protocol`: built from a `WorkerConfig`, `run(Shard)` regenerates the
+shard's programs from (seed, task, seq_len, indices) — programs never cross Ray — and returns a
+`ShardResult` of Arrow tables.
 
-Fault injection for tests (never set in production): the environment variable `VARBIND_FAULTS`
-holds JSON with any of `oom_batch_above` (rows per forward beyond which a patching batch raises
-out-of-memory), `oom_layers_above` (a patching shard with more layers always runs out of
-memory), `fail_task` (shards of this task raise), `sleep_s` (seconds to wait in each shard).
+Out of memory: with a whole-number `batch_size` the worker halves its patching batch and tries
+again, and at one patch per forward raises `ShardOutOfMemory`, so the driver splits the shard.
+With `batch_size: auto` the engine already sizes and shrinks its chunks, and re-raises only when
+one row does not fit: the worker then raises `ShardOutOfMemory` at once.
+
+Tests inject faults through a subclass (`tests/integration/faults.py`), which overrides
+`run` and `_patch`; nothing here reads a fault switch.
 """
 
-import json
 import logging
 import os
 import socket
@@ -24,7 +26,8 @@ import torch
 from actors.behavior import HFScorer, VLLMScorer, vllm_available
 from actors.loading import LoadedModel, load_model
 from actors.patching import Patcher
-from orchestrator.tasks import generate
+from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
+from orchestrator.tasks import Program, generate
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +49,6 @@ def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-class ShardOutOfMemory(RuntimeError):
-    """The shard does not fit even one patch per forward; split it."""
-
-
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError):
         return True
@@ -63,50 +62,35 @@ class ModelWorker:
     """Owns one model and runs shards on it.
 
     Args:
-        model: the spec's model entry (`id`, `dtype`, `quantization`).
-        experiments: the spec's `experiments` mapping.
-        seed: the sweep seed.
-        task_options: family -> generator options.
-        threads: torch CPU threads (None: leave as is).
+        config: the model, the experiment settings, the seed and the family options.
     """
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        experiments: dict[str, Any],
-        seed: int,
-        task_options: dict[str, dict[str, Any]],
-        threads: int | None = None,
-    ) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.model_spec = model
-        self.experiments = experiments
-        self.seed = seed
-        self.task_options = task_options
-        self.faults = json.loads(os.environ.get("VARBIND_FAULTS", "{}"))
+    def __init__(self, config: WorkerConfig) -> None:
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
         self._lm: LoadedModel | None = None
         self._patcher: Patcher | None = None
         self._scorer: Any = None
-        behavior = experiments.get("behavior") or {}
-        backend = behavior.get("backend", "auto")
+        behavior = config.behavior
+        backend = behavior.backend if behavior is not None else "hf"
         self.backend = (
             "vllm" if backend == "vllm" or (backend == "auto" and vllm_available()) else "hf"
         )
-        if experiments.get("patching") or (behavior and self.backend == "hf"):
+        if config.patching is not None or (behavior is not None and self.backend == "hf"):
             self._load()
 
     def _load(self) -> LoadedModel:
         if self._lm is None:
-            m = self.model_spec
-            self._lm = load_model(m["id"], dtype=m["dtype"], quantization=m["quantization"])
+            m = self.config.model
+            self._lm = load_model(m.id, dtype=m.dtype, quantization=m.quantization)
         return self._lm
 
     def info(self) -> dict[str, Any]:
         """Where this actor runs and what it loaded."""
         lm = self._lm
         return {
-            "model": self.model_spec["id"],
+            "model": self.config.model.id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "node_id": _node_id(),
@@ -115,97 +99,91 @@ class ModelWorker:
             "weight_bytes": lm.weight_bytes if lm else None,
         }
 
-    def programs(self, shard: dict[str, Any]) -> list:
-        options = self.task_options.get(shard["task"], {})
+    def programs(self, shard: Shard) -> list[Program]:
+        options = self.config.task_options.get(shard.task, {})
         return [
-            generate(shard["task"], self.seed, shard["seq_len"], i, **options)
-            for i in range(shard["start"], shard["start"] + shard["n"])
+            generate(shard.task, self.config.seed, shard.seq_len, i, **options)
+            for i in range(shard.start, shard.start + shard.n)
         ]
 
-    def run(self, shard: dict[str, Any]) -> dict[str, Any]:
+    def run(self, shard: Shard) -> ShardResult:
         """Run one shard.
 
         Returns:
-            `{"table": pa.Table, "skipped": pa.Table, "seconds": float, "pid": int}`.
+            Its rows, and for patching the programs that could not be patched.
 
         Raises:
-            ShardOutOfMemory: a patching shard that does not fit at batch size 1.
+            ShardOutOfMemory: a patching shard that does not fit one patch per forward.
         """
         start = time.perf_counter()
-        if self.faults.get("sleep_s"):
-            time.sleep(float(self.faults["sleep_s"]))
-        if self.faults.get("fail_task") == shard["task"]:
-            raise RuntimeError(f"injected failure for task {shard['task']} (VARBIND_FAULTS)")
         programs = self.programs(shard)
         skipped = SKIPPED_SCHEMA.empty_table()
-        if shard["kind"] == "behavior":
+        if shard.kind == "behavior":
             table = self._behavior(programs)
         else:
             table, skipped = self._patching(shard, programs)
-        return {
-            "table": table,
-            "skipped": skipped,
-            "seconds": time.perf_counter() - start,
-            "pid": os.getpid(),
-            "node_id": _node_id(),
-        }
+        return ShardResult(
+            table=table,
+            skipped=skipped,
+            seconds=time.perf_counter() - start,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            node_id=_node_id(),
+        )
 
-    def _behavior(self, programs: list) -> pa.Table:
+    def _behavior(self, programs: list[Program]) -> pa.Table:
         if self._scorer is None:
-            b = self.experiments["behavior"]
+            b = self.config.behavior
+            assert b is not None, "a behaviour shard reached a worker without behaviour settings"
             if self.backend == "vllm":
-                self._scorer = VLLMScorer(self.model_spec["id"], b["template"], b["max_new_tokens"])
+                self._scorer = VLLMScorer(self.config.model.id, b.template, b.max_new_tokens)
             else:
-                self._scorer = HFScorer(
-                    self._load(), b["template"], b["batch_size"], b["max_new_tokens"]
-                )
+                self._scorer = HFScorer(self._load(), b.template, b.batch_size, b.max_new_tokens)
         return self._scorer.score(programs)
 
-    def _patching(self, shard: dict[str, Any], programs: list) -> tuple[pa.Table, pa.Table]:
-        spec = self.experiments["patching"]
+    def _patch(self, patcher: Patcher, programs: list[Program], shard: Shard) -> pa.Table:
+        """One attempt at the shard with the patcher's current batch size (tests override this
+        to run out of memory on purpose)."""
+        assert self.config.patching is not None and shard.layers is not None, shard
+        patcher.skipped = []
+        return patcher.patch(
+            programs,
+            sites=[shard.site],
+            layers=list(shard.layers),
+            positions=self.config.patching.positions,
+        )
+
+    def _patching(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
+        spec = self.config.patching
+        assert spec is not None, "a patching shard reached a worker without patching settings"
         if self._patcher is None:
-            self._patcher = Patcher(self._load(), batch_size=spec["batch_size"])
+            self._patcher = Patcher(self._load(), batch_size=spec.batch_size)
         patcher = self._patcher
-        layers = list(shard["layers"])
-        batch = spec["batch_size"]
+        batch = spec.batch_size
         while True:
-            patcher.batch_size = batch
-            patcher.skipped = []
+            if batch != "auto":
+                patcher.batch_size = batch
             try:
-                self._inject_oom(batch, layers)
-                table = patcher.patch(
-                    programs, sites=[shard["site"]], layers=layers, positions=spec["positions"]
-                )
+                table = self._patch(patcher, programs, shard)
                 break
             except Exception as err:
                 if not _is_oom(err):
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if batch == 1:
+                if batch == "auto" or batch == 1:
+                    # `auto`: the engine has already shrunk its chunks down to one row.
                     raise ShardOutOfMemory(
-                        f"shard {shard['id']}: out of memory at one patch per forward "
-                        f"({len(layers)} layers, {len(programs)} programs)"
+                        f"shard {shard.file_stem}: out of memory at one patch per forward "
+                        f"({len(shard.layers or ())} layers, {len(programs)} programs)"
                     ) from None
                 batch = max(1, batch // 2)
-                logger.warning(
-                    "shard %s: out of memory; retrying with batch %d", shard["id"], batch
-                )
+                logger.warning("shard %s: out of memory; retrying with batch %d", shard.id, batch)
         skipped = {
-            "model": [self.model_spec["id"]] * len(patcher.skipped),
+            "model": [self.config.model.id] * len(patcher.skipped),
             "task": [p["task"] for p, _ in patcher.skipped],
             "seq_len": [p["seq_len"] for p, _ in patcher.skipped],
             "program": [p["index"] for p, _ in patcher.skipped],
             "reason": [reason for _, reason in patcher.skipped],
         }
         return table, pa.table(skipped, schema=SKIPPED_SCHEMA)
-
-    def _inject_oom(self, batch: int, layers: list[int]) -> None:
-        above = self.faults.get("oom_batch_above")
-        if above is not None and batch > int(above):
-            raise torch.OutOfMemoryError(f"injected: batch {batch} > {above} (VARBIND_FAULTS)")
-        above = self.faults.get("oom_layers_above")
-        if above is not None and len(layers) > int(above):
-            raise torch.OutOfMemoryError(
-                f"injected: {len(layers)} layers > {above} (VARBIND_FAULTS)"
-            )

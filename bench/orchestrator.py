@@ -9,7 +9,9 @@ tracemalloc, and resident-set growth).
 """
 
 import argparse
+import os
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -21,21 +23,23 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestrator.driver import Driver, connect
+from orchestrator.cluster import connect
+from orchestrator.driver import Driver
+from orchestrator.protocol import Shard, ShardResult, WorkerConfig
 from orchestrator.shards import count_shards
 from orchestrator.sink import ResultsDir
 from orchestrator.spec import parse_spec
 
 
 class TrivialWorker:
-    """Answers every shard with one row, immediately."""
+    """Answers every shard with one row, immediately (the real protocol, no model)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        pass
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
 
-    def run(self, shard: dict) -> dict:
-        table = pa.table({"program": [shard["start"]]})
-        return {"table": table, "skipped": None, "seconds": 0.0, "pid": 0}
+    def run(self, shard: Shard) -> ShardResult:
+        table = pa.table({"program": [shard.start]})
+        return ShardResult(table, None, 0.0, os.getpid(), socket.gethostname())
 
 
 def rss_mib() -> float:
@@ -58,14 +62,14 @@ def main() -> int:
     )
     n_layers = {"trivial": 1}
     total = sum(count_shards(spec, n_layers).values())
-    connect(None, num_cpus=2)
+    cluster = connect(None, num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
         results = ResultsDir(Path(tmp) / "bench")
         results.root.mkdir(parents=True)
         rss_before = rss_mib()
         tracemalloc.start()
         start = time.perf_counter()
-        driver = Driver(spec, n_layers, results, total, worker_cls=TrivialWorker)
+        driver = Driver(spec, n_layers, results, total, cluster, worker_cls=TrivialWorker)
         progress = driver.run()
         wall = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()

@@ -13,6 +13,13 @@ Only this module calls `ray.init`, `ray.wait` and `ray.get`. The loop:
    grow with the sweep. Failures: a dead actor's shards are requeued on a fresh actor; an
    out-of-memory shard is split in two parts; any other error is retried up to `max_attempts`
    times and then recorded in `failures.jsonl` while the sweep goes on.
+4. `request_stop` (the CLI's SIGINT/SIGTERM handler) ends the loop within a second: finished
+   shards stay written, running ones are abandoned (their actors killed), none counts as failed.
+   A cluster whose GCS stops answering raises `ClusterLost` the same way, before any shard is
+   charged for the actors it took down.
+
+Actors are named `<run>/<model>/<driver pid>/<k>` in the `varbind` namespace, so that tools
+(`bench/chaos.py`) find this driver's actors with `ray.util.list_named_actors`.
 """
 
 import collections
@@ -20,14 +27,17 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.worker import ModelWorker, ShardOutOfMemory
-from orchestrator.shards import Shard, iter_shards, split
+from actors.worker import ModelWorker
+from orchestrator.cluster import Cluster
+from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
+from orchestrator.shards import escape_model, iter_shards, split
 from orchestrator.sink import ResultsDir
 from orchestrator.spec import Spec
 
@@ -35,7 +45,15 @@ logger = logging.getLogger(__name__)
 
 MAX_ACTOR_LOSSES = 8  # per model, before its remaining shards are recorded as failed
 # Passed from the driver's environment to every actor (a cluster's workers do not inherit it).
-FORWARD_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "VARBIND_FAULTS")
+FORWARD_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN")
+ACTOR_NAMESPACE = "varbind"
+WAIT_S = 0.5  # longest ray.wait: how soon a stop request is seen
+HEALTH_EVERY_S = 2.0  # how often the GCS is probed
+LOST_AFTER_S = 10.0  # GCS unreachable this long: the cluster is gone (Ray aborts after 60 s)
+
+
+class ClusterLost(RuntimeError):
+    """The cluster's GCS stopped answering; finished shards are written, none was failed."""
 
 
 @dataclasses.dataclass
@@ -46,6 +64,7 @@ class Progress:
     failed: int = 0
     running: int = 0
     rows: int = 0
+    stopped: str | None = None  # why the loop ended early (a signal's name), else None
 
 
 @dataclasses.dataclass
@@ -80,19 +99,6 @@ class _Model:
         return self.exhausted and not self.retry and not any(a.inflight for a in self.actors)
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> str:
-    """Join a cluster (`address`, or `RAY_ADDRESS`), or start an embedded local one."""
-    if ray.is_initialized():
-        return "already connected"
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
-        ray.init(address=address, **kwargs)
-        return f"joined {address}"
-    ray.init(num_cpus=num_cpus, **kwargs)
-    return "started an embedded local Ray"
-
-
 class Driver:
     """Runs the shards of one spec that are not done yet.
 
@@ -101,8 +107,11 @@ class Driver:
         n_layers: model id -> layer count.
         results: the run's results folder (already `start`ed).
         total: shards in the plan (for progress).
+        cluster: the cluster connected to (for its address and liveness).
         on_progress: called with a `Progress` after every change.
-        worker_cls: the actor body (`ModelWorker`; benchmarks pass a trivial one).
+        worker_cls: the actor body (`ModelWorker`; benchmarks pass a trivial one, tests a
+            fault-injecting subclass), built as `worker_cls(WorkerConfig, *worker_args)`.
+        worker_args: extra constructor arguments for `worker_cls`.
     """
 
     def __init__(
@@ -111,10 +120,18 @@ class Driver:
         n_layers: dict[str, int],
         results: ResultsDir,
         total: int,
+        cluster: Cluster,
         on_progress: Callable[[Progress], None] | None = None,
         worker_cls: type = ModelWorker,
+        worker_args: Sequence[Any] = (),
     ) -> None:
         self.spec = spec
+        self.cluster = cluster
+        self.worker_args = tuple(worker_args)
+        self.stop_reason: str | None = None
+        self._actors_made = 0
+        self._next_probe = 0.0
+        self._unreachable_since: float | None = None
         self.n_layers = n_layers
         self.results = results
         self.progress = Progress(total=total)
@@ -156,17 +173,20 @@ class Driver:
     # -- actors -----------------------------------------------------------------------------
     def _new_actor(self, model: _Model) -> None:
         spec = self.spec
-        experiments = spec.experiments.model_dump()
-        task_options = {t.family: t.options for t in spec.tasks}
         env = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+        config = WorkerConfig.of(spec, model.spec.id, self.threads)
+        self._actors_made += 1
+        name = f"{spec.run}/{escape_model(model.spec.id)}/{os.getpid()}/{self._actors_made}"
         handle = self.remote.options(
+            name=name,
+            namespace=ACTOR_NAMESPACE,
             runtime_env={"env_vars": env} if env else None,
             num_gpus=self.gpus_per_actor,
             num_cpus=spec.resources.cpus_per_actor,
             max_restarts=0,
             max_task_retries=0,
             scheduling_strategy="SPREAD",
-        ).remote(model.spec.model_dump(), experiments, spec.seed, task_options, self.threads)
+        ).remote(config, *self.worker_args)
         model.actors.append(_Actor(handle, model.spec.id))
         self.free -= 1
 
@@ -175,6 +195,10 @@ class Driver:
             ray.kill(actor.handle)
         self.free += len(model.actors)
         model.actors.clear()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to end soon (safe to call from a signal handler: it only sets a flag)."""
+        self.stop_reason = reason
 
     def _start_models(self) -> None:
         res = self.spec.resources
@@ -219,7 +243,7 @@ class Driver:
                     shard = model.next_shard()
                     if shard is None:
                         break
-                    ref = actor.handle.run.remote(shard.to_dict())
+                    ref = actor.handle.run.remote(shard)
                     actor.inflight.add(ref)
                     self.ref_actor[ref] = actor
                     self.ref_shard[ref] = shard
@@ -228,28 +252,67 @@ class Driver:
         self.progress.running = len(self.ref_shard)
 
     def run(self) -> Progress:
-        """Run until every shard is finished or failed; returns the counts."""
-        self._start_models()
-        self._submit()
-        self._report()
-        while self.ref_shard or self.pending:
-            if not self.ref_shard:
-                self._start_models()
-                self._submit()
-                if not self.ref_shard:
-                    break
-            ready, rest = ray.wait(list(self.ref_shard), num_returns=1, timeout=5.0)
-            if ready and rest:  # take everything else that is already done, without waiting
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for ref in ready:
-                if ref in self.ref_shard:  # not already requeued with its dead actor's others
-                    self._finish(ref)
+        """Run until every shard is finished or failed, or a stop is requested.
+
+        Returns:
+            The counts; `stopped` says why the loop ended early, if it did.
+
+        Raises:
+            ClusterLost: the cluster's GCS stopped answering.
+            SinkError: a result could not be written (e.g. a full disk).
+        """
+        lost = False
+        try:
             self._start_models()
             self._submit()
             self._report()
-        for model in self.models.values():
-            self._retire(model)
+            while (self.ref_shard or self.pending) and self.stop_reason is None:
+                if not self.ref_shard:
+                    self._start_models()
+                    self._submit()
+                    if not self.ref_shard:
+                        break
+                ready, rest = ray.wait(list(self.ref_shard), num_returns=1, timeout=WAIT_S)
+                if ready and rest:  # take everything else that is already done, without waiting
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                for ref in ready:
+                    if ref in self.ref_shard:  # not already requeued with its dead actor's others
+                        self._finish(ref)
+                self._check_cluster()
+                if self.stop_reason is None:
+                    self._start_models()
+                    self._submit()
+                self._report()
+        except ClusterLost:
+            lost = True
+            raise
+        finally:
+            self.progress.stopped = self.stop_reason
+            self.progress.running = 0
+            if not lost:  # a lost cluster has no actors to kill, and would not answer
+                for model in self.models.values():
+                    self._retire(model)
         return self.progress
+
+    def _check_cluster(self, now: bool = False) -> None:
+        """Probe the GCS every few seconds (or `now`); raise once it is gone for good.
+
+        Raises:
+            ClusterLost: unreachable for LOST_AFTER_S, or at once when `now` (an actor died).
+        """
+        t = time.monotonic()
+        if not now and t < self._next_probe:
+            return
+        self._next_probe = t + HEALTH_EVERY_S
+        if self.cluster.reachable():
+            self._unreachable_since = None
+            return
+        since = self._unreachable_since = self._unreachable_since or t
+        if now or t - since >= LOST_AFTER_S:
+            raise ClusterLost(
+                f"the Ray cluster at {self.cluster.address} stopped answering "
+                f"({self.cluster.mode}); its actors are gone"
+            )
 
     def _report(self) -> None:
         """Tell the caller about progress, only when a count changed."""
@@ -264,25 +327,29 @@ class Driver:
         actor.inflight.discard(ref)
         model = self.models[shard.model]
         try:
-            out = ray.get(ref, timeout=60)
+            out: ShardResult = ray.get(ref, timeout=60)
         except RayActorError as err:
+            # A dead GCS takes every actor with it: that is the cluster's loss, not the shard's.
+            self._check_cluster(now=True)
             self._actor_lost(actor, model, shard, err)
             return
         except RayTaskError as err:
-            cause = err.as_instanceof_cause()
+            cause = getattr(err, "cause", None)
             if isinstance(cause, ShardOutOfMemory):
                 self._split(model, shard, str(cause))
             else:
-                self._retry(model, shard, f"{type(cause).__name__}: {err}")
+                # The error itself first (what `status` shows), then Ray's traceback.
+                what = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+                self._retry(model, shard, f"{what}\n{err}")
             return
         except GetTimeoutError as err:  # pragma: no cover - ray.wait said it was ready
             self._retry(model, shard, f"result not retrievable: {err}")
             return
         # Writing is the driver's job: a SinkError (disk full) stops the sweep, with the fix.
-        self.results.write_shard(shard, out["table"], out["skipped"])
+        self.results.write_shard(shard, out)
         self.progress.finished += 1
-        self.progress.rows += out["table"].num_rows
-        self.nodes[out.get("node_id") or "local"] += 1
+        self.progress.rows += out.table.num_rows
+        self.nodes[out.node_id or "local"] += 1
         del out
 
     def _refresh_capacity(self) -> None:

@@ -16,51 +16,27 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from orchestrator.protocol import Shard
 from orchestrator.spec import Spec, TaskSpec
 
 ID_LENGTH = 16
+__all__ = [
+    "Shard",
+    "count_shards",
+    "escape_model",
+    "iter_shards",
+    "layer_blocks",
+    "rel_dir",
+    "split",
+]
 
 
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One unit of work for one model.
-
-    Attributes:
-        kind: `behavior` or `patching`.
-        model: the model id as the spec gives it.
-        task: family name.
-        seq_len: program length.
-        start / n: program indices `start .. start+n-1` of the (seed, task, seq_len) stream.
-        site: patching site (patching only).
-        layers: consecutive layer indices (patching only).
-        id: content hash; the shard's file is `<id>.parquet`.
-        part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
-    """
-
-    kind: str
-    model: str
-    task: str
-    seq_len: int
-    start: int
-    n: int
-    site: str | None = None
-    layers: tuple[int, ...] | None = None
-    id: str = ""
-    part: tuple[int, int] | None = None
-
-    @property
-    def file_stem(self) -> str:
-        return self.id if self.part is None else f"{self.id}.part{self.part[0]}of{self.part[1]}"
-
-    def rel_dir(self) -> str:
-        """Folder under the run directory (hive partitions, model id escaped for paths)."""
-        model = escape_model(self.model)
-        if self.kind == "behavior":
-            return f"behavior/model={model}/task={self.task}"
-        return f"patching/model={model}/site={self.site}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def rel_dir(shard: Shard) -> str:
+    """Folder of a shard's file under the run directory (hive partitions, model id escaped)."""
+    model = escape_model(shard.model)
+    if shard.kind == "behavior":
+        return f"behavior/model={model}/task={shard.task}"
+    return f"patching/model={model}/site={shard.site}"
 
 
 def escape_model(model: str) -> str:

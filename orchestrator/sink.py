@@ -1,6 +1,6 @@
 """The results directory: atomic Parquet writes, resume bookkeeping, run metadata.
 
-    results/<run>/spec.yaml, run.json, programs.parquet, failures.jsonl
+    results/<run>/spec.yaml, run.json, programs.parquet, failures.jsonl, .lock
     results/<run>/behavior/model=<m>/task=<t>/<shard>.parquet
     results/<run>/patching/model=<m>/site=<s>/<shard>.parquet
     results/<run>/skipped/model=<m>/<shard>.parquet   (pairs that could not be patched)
@@ -28,9 +28,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from orchestrator.shards import Shard, escape_model
-from orchestrator.spec import Spec
+from orchestrator.lock import LOCK_NAME
+from orchestrator.protocol import Shard, ShardResult
+from orchestrator.shards import escape_model, rel_dir
+from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.tasks import Program, iter_programs
 
 PROGRAMS_SCHEMA = pa.schema(
@@ -118,7 +121,7 @@ class ResultsDir:
 
     # -- shards -----------------------------------------------------------------------------
     def shard_path(self, shard: Shard) -> Path:
-        return self.root / shard.rel_dir() / f"{shard.file_stem}.parquet"
+        return self.root / rel_dir(shard) / f"{shard.file_stem}.parquet"
 
     def skipped_path(self, shard: Shard) -> Path:
         model = f"model={escape_model(shard.model)}"
@@ -127,7 +130,7 @@ class ResultsDir:
     def _parts(self, shard: Shard) -> list[Path]:
         """Part files of a split shard. The folder is listed once per run and kept in step
         with what this object writes, so resume checks stay O(1) per shard."""
-        folder = self.root / shard.rel_dir()
+        folder = self.root / rel_dir(shard)
         if folder not in self._listing:
             listing: dict[str, list[str]] = {}
             for entry in os.scandir(folder) if folder.is_dir() else ():
@@ -136,11 +139,14 @@ class ResultsDir:
             self._listing[folder] = listing
         return [folder / n for n in self._listing[folder].get(shard.id, [])]
 
-    def is_done(self, shard: Shard) -> bool:
+    def is_done(self, shard: Shard, repair: bool = True) -> bool:
         """The shard's file exists and is whole, or its split parts tile it.
 
-        A file at the final path that is not valid Parquet (written by something other than
-        this sink, or damaged) is deleted, so the shard runs again.
+        Args:
+            shard: the shard.
+            repair: delete a file at the final path that is not valid Parquet (written by
+                something other than this sink, or damaged), so the shard runs again. Only a
+                driver holding the run's lock may repair; `status` only looks.
         """
         path = self.shard_path(shard)
         if path.exists():
@@ -148,8 +154,9 @@ class ResultsDir:
                 pq.read_metadata(path)
                 return True
             except (OSError, pa.ArrowInvalid):
-                logger.warning("%s is not valid Parquet; removing it and running the shard", path)
-                path.unlink(missing_ok=True)
+                if repair:
+                    logger.warning("%s is not valid Parquet; removing it to rerun it", path)
+                    path.unlink(missing_ok=True)
         covered = Fraction(0)
         for path in self._parts(shard):
             covered += Fraction(1, int(_PART.fullmatch(path.name)["of"]))
@@ -159,14 +166,14 @@ class ResultsDir:
         """Remove part files of a shard about to be run whole (so no row is written twice)."""
         for path in self._parts(shard):
             path.unlink(missing_ok=True)
-        self._listing.get(self.root / shard.rel_dir(), {}).pop(shard.id, None)
+        self._listing.get(self.root / rel_dir(shard), {}).pop(shard.id, None)
 
-    def write_shard(self, shard: Shard, table: pa.Table, skipped: pa.Table | None = None) -> Path:
+    def write_shard(self, shard: Shard, result: ShardResult) -> Path:
         """Write a finished shard (its skipped programs first, then its rows)."""
-        if skipped is not None and skipped.num_rows:
-            self.write_table(self.skipped_path(shard), skipped)
+        if result.skipped is not None and result.skipped.num_rows:
+            self.write_table(self.skipped_path(shard), result.skipped)
         path = self.shard_path(shard)
-        self.write_table(path, table)
+        self.write_table(path, result.table)
         return path
 
     def record_failure(self, shard: Shard, error: str, attempts: int) -> None:
@@ -182,16 +189,36 @@ class ResultsDir:
             f.write(json.dumps(row, default=list) + "\n")
 
     # -- run metadata -----------------------------------------------------------------------
-    def start(self, spec: Spec, spec_text: str, fresh: bool) -> None:
-        """Prepare the folder: wipe it for `--fresh`, drop stale temporaries, save the spec."""
+    def start(self, spec: Spec, spec_text: str, fresh: bool = False) -> None:
+        """Prepare the folder for a driver that holds its lock: wipe it for `--fresh` (all but
+        the lock), drop temporaries and old failure records (their shards are retried), write
+        `programs.parquet` when it does not hold this spec's programs (new, or extended), and
+        save the spec.
+
+        Raises:
+            SinkError: a file could not be written.
+        """
         if fresh and self.root.exists():
-            shutil.rmtree(self.root)
+            for entry in self.root.iterdir():
+                if entry.name == LOCK_NAME:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "failures.jsonl").unlink(missing_ok=True)
-        self.write_text(self.root / "spec.yaml", spec_text)
-        if not (self.root / "programs.parquet").exists():
+        programs = self.root / "programs.parquet"
+        wanted = sum(len(t.seq_lens) * t.n for t in spec.tasks)
+        try:
+            have = pq.read_metadata(programs).num_rows if programs.exists() else -1
+        except (OSError, pa.ArrowInvalid):
+            have = -1
+        # An extended spec has more programs: the file is rewritten (atomically) to cover both.
+        if have != wanted:
             self.write_programs(spec)
+        self.write_text(self.root / "spec.yaml", spec_text)
 
     def write_programs(self, spec: Spec) -> None:
         """Every program of the sweep, streamed to Parquet in batches."""
@@ -210,6 +237,29 @@ class ResultsDir:
 
     def write_run(self, info: dict[str, Any]) -> None:
         self.write_text(self.root / "run.json", json.dumps(info, indent=2, default=str) + "\n")
+
+    def read_run(self) -> dict[str, Any] | None:
+        """`run.json`, or None when there is none (or it is not JSON)."""
+        try:
+            data = json.loads((self.root / "run.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def recorded_spec(self) -> Spec | None:
+        """The spec the folder was last run with (its `spec.yaml`), or None if unreadable."""
+        try:
+            return parse_spec(yaml.safe_load((self.root / "spec.yaml").read_text()))
+        except (OSError, yaml.YAMLError, SpecError):
+            return None
+
+    def has_results(self) -> bool:
+        """Any shard file, program table or run record is here (a folder with only a lock, or
+        nothing, is free for any spec)."""
+        if not self.root.is_dir():
+            return False
+        names = {"run.json", "spec.yaml", "programs.parquet", "behavior", "patching"}
+        return any(entry.name in names for entry in self.root.iterdir())
 
     def failures(self) -> list[dict[str, Any]]:
         path = self.root / "failures.jsonl"

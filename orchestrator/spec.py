@@ -11,9 +11,11 @@
       behavior: {backend: hf}
       patching: {sites: [resid_pre, attn_head], layers_per_shard: 2, positions: targets}
 
-Every mapping forbids unknown keys, so a typo fails instead of being ignored. `load_spec` also
-checks what a schema cannot: family options against the family, patched tasks against the tasks,
-layers against each model's config (read without loading weights), all before Ray starts.
+Every mapping forbids unknown keys, so a typo fails instead of being ignored; counts and sizes
+are range-checked. `load_spec` also checks what a field alone cannot: family options against the
+family, experiment tasks against the tasks, and the behaviour template, rendered on one program of
+each task. What needs the world (model configs, installed backends, the cluster's resources) is
+checked by `orchestrator.checks`, still before anything is written.
 """
 
 from pathlib import Path
@@ -22,11 +24,20 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.tasks import FAMILIES, generate, get_family
+from orchestrator.tasks import (
+    CHAT_TEMPLATE,
+    FAMILIES,
+    RAW_TEMPLATE,
+    generate,
+    get_family,
+    render_prompt,
+)
 
 Backend = Literal["hf", "vllm", "auto"]
 Site = Literal["resid_pre", "attn_head", "mlp_out"]
-PositiveInt = Annotated[int, Field(ge=1)]
+# Strict: YAML gives real ints, and `true` or `4.0` for a count is a mistake worth naming.
+PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+Auto = Literal["auto"]
 
 
 class SpecError(ValueError):
@@ -92,12 +103,25 @@ class PatchingSpec(_Strict):
     """Causal tracing: every (site, layer, position[, head]) patch of every program."""
 
     sites: Annotated[list[Site], Field(min_length=1)] = ["resid_pre"]
-    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    layers: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
     layers_per_shard: PositiveInt = 4
     positions: Literal["all", "targets"] = "targets"
-    batch_size: PositiveInt = 256
+    # Patches per forward pass; `auto`: chunks sized from a memory budget by the engine.
+    batch_size: PositiveInt | Auto = 256
     programs_per_shard: PositiveInt = 20
     tasks: list[str] | None = None
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"sites {v} repeat a site (each would run twice); list each once")
+        return v
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        return _whole_or_auto(v, "patches per forward pass")
 
 
 class Experiments(_Strict):
@@ -115,11 +139,35 @@ class Resources(_Strict):
     """What each actor holds. `auto`: one GPU per actor where there are GPUs (more when the
     model needs them), and as many actors per model as the cluster's GPUs allow."""
 
-    gpus_per_actor: float | Literal["auto"] = "auto"
-    actors_per_model: PositiveInt | Literal["auto"] = "auto"
-    cpus_per_actor: Annotated[float, Field(gt=0)] = 0.5
+    gpus_per_actor: Annotated[float, Field(ge=0, allow_inf_nan=False)] | Auto = "auto"
+    actors_per_model: PositiveInt | Auto = "auto"
+    cpus_per_actor: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.5
     max_in_flight_per_actor: PositiveInt = 2
     max_attempts: PositiveInt = 3
+
+    @field_validator("gpus_per_actor", mode="before")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf"):
+            raise ValueError(
+                "GPUs per actor must be a number >= 0 (0: actors on CPUs; 0.5: two actors "
+                "share a GPU) or 'auto'; fix: write e.g. 1, or auto"
+            )
+        return v
+
+    @field_validator("actors_per_model", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        return _whole_or_auto(v, "actors per model")
+
+
+def _whole_or_auto(v: Any, what: str) -> Any:
+    """One message for `int >= 1 | "auto"` fields, instead of one per member of the union."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"{what} must be a whole number >= 1 or 'auto'; fix: write e.g. 4, or auto")
 
 
 class Spec(_Strict):
@@ -150,7 +198,28 @@ class Spec(_Strict):
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"models list {ids}: an id appears twice")
+        self._render_templates()
         return self
+
+    def _render_templates(self) -> None:
+        """Fill the behaviour template with one program of each task it will score, so that a
+        bad template fails here rather than in every behaviour shard on the cluster."""
+        behavior = self.experiments.behavior
+        if behavior is None:
+            return
+        template = {"raw": RAW_TEMPLATE, "chat": CHAT_TEMPLATE}.get(
+            behavior.template, behavior.template
+        )
+        for task in self.tasks_for("behavior"):
+            program = generate(task.family, self.seed, task.seq_lens[0], 0, **task.options)
+            try:
+                render_prompt(program, template)
+            except (ValueError, AttributeError, TypeError) as err:
+                raise ValueError(
+                    f"experiments.behavior.template = {behavior.template!r} does not render a "
+                    f"{task.family} program: {err}; fix: use raw, chat, or a format string with "
+                    "{text}, {program} and {query} only (write {{ and }} for literal braces)"
+                ) from None
 
     def results_dir(self, output: str | None = None) -> Path:
         """`<output>/<run>/`, where `output` overrides the spec's."""
@@ -169,6 +238,9 @@ _FIXES = {
     "literal_error": "use one of the allowed values",
     "int_parsing": "write a whole number",
     "int_type": "write a whole number",
+    "int_from_float": "write a whole number",
+    "finite_number": "write a finite number",
+    "string_type": "write a string",
     "float_parsing": "write a number",
     "list_type": "write a YAML list, e.g. [a, b]",
     "dict_type": "write a YAML mapping, e.g. {key: value}",
@@ -206,8 +278,14 @@ def format_errors(path: str | Path, err: ValidationError) -> str:
     lines = [f"{path}: the spec is not valid ({err.error_count()} problem(s)):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "value_error":  # our own validators: the message names value and fix
-            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+        if e["type"] == "value_error":  # our own validators: the message says what and the fix
+            msg = e["msg"].removeprefix("Value error, ")
+            if not e["loc"]:  # a check across fields: the message names them
+                lines.append(f"  {msg}")
+            elif isinstance(e.get("input"), dict | list):  # a check of a whole entry
+                lines.append(f"  {loc}: {msg}")
+            else:
+                lines.append(f"  {loc} = {e.get('input')!r}: {msg}")
             continue
         value = e.get("input")
         shown = "" if e["type"] == "missing" else f" = {value!r}"
@@ -249,42 +327,4 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(data, path)
 
 
-def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
-    """Read each model's config (no weights) and check the layers the spec asks for.
-
-    Returns:
-        model id -> number of layers.
-
-    Raises:
-        SpecError: a model that cannot be found, or a layer out of range.
-    """
-    from transformers import AutoConfig
-
-    n_layers: dict[str, int] = {}
-    problems = []
-    for i, model in enumerate(spec.models):
-        try:
-            config = AutoConfig.from_pretrained(model.id)
-        except (OSError, ValueError) as err:
-            problems.append(
-                f"  models.{i}.id = {model.id!r}: not found ({str(err).splitlines()[0]}); fix: "
-                "give a folder written by save_pretrained, or a hub id that is cached or reachable"
-            )
-            continue
-        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-        n_layers[model.id] = int(layers)
-        patching = spec.experiments.patching
-        if patching is not None and patching.layers is not None:
-            bad = [x for x in patching.layers if x >= n_layers[model.id]]
-            if bad:
-                problems.append(
-                    f"  experiments.patching.layers = {patching.layers}: {bad} out of range for "
-                    f"{model.id} (layers 0..{n_layers[model.id] - 1}); fix: drop them, or omit "
-                    "layers to patch every layer"
-                )
-    if problems:
-        raise SpecError(f"{path}: the spec is not valid:\n" + "\n".join(problems))
-    return n_layers
-
-
-__all__ = ["FAMILIES", "Spec", "SpecError", "check_models", "load_spec", "parse_spec"]
+__all__ = ["FAMILIES", "Spec", "SpecError", "load_spec", "parse_spec"]

@@ -1,30 +1,30 @@
-"""Fault injection: a second node that leaves mid-sweep, a full disk, a damaged shard file.
-(A SIGKILLed driver, a killed actor, out-of-memory and always-failing shards are in
-test_orchestrator.py.) Each checks the final rows: none lost, none duplicated."""
+"""Faults of the world: a second node that leaves mid-sweep, a lost cluster, a full disk, a
+damaged shard file. (A SIGKILLed driver and Ctrl-C are in test_run_folder.py; an actor that
+dies, out-of-memory and always-failing shards in test_orchestrator.py.) Each checks the final
+rows: none lost, none duplicated."""
 
-import json
+import os
+import signal
 import subprocess
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from analysis import connect
 from tests.integration.conftest import (
+    RayCluster,
+    patch_keys,
+    read_rows,
     report_rows,
     run_cli,
     run_json,
+    shard_files,
     start_cli,
     wait_for,
     write_spec,
 )
-from tests.integration.test_orchestrator import patch_keys, read_rows
 
 pytestmark = pytest.mark.slow
-
-
-def shard_files(results: Path) -> list[Path]:
-    return [f for f in results.rglob("*.parquet") if f.parts[-4] in ("behavior", "patching")]
 
 
 def test_two_nodes_then_one_leaves_mid_sweep(tmp_path, tiny_model) -> None:
@@ -45,12 +45,7 @@ def test_two_nodes_then_one_leaves_mid_sweep(tmp_path, tiny_model) -> None:
 
         spec_path = write_spec(tmp_path / "run", tiny_model)
         results = tmp_path / "run" / "results" / "it"
-        proc = start_cli(
-            spec_path,
-            "--address",
-            cluster.address,
-            env={"VARBIND_FAULTS": json.dumps({"sleep_s": 0.5})},
-        )
+        proc = start_cli(spec_path, "--address", cluster.address, faults={"sleep_s": 0.5})
         assert wait_for(lambda: len(shard_files(results)) >= 4)
         cluster.remove_node(second)
         assert proc.wait(timeout=900) == 0
@@ -61,6 +56,29 @@ def test_two_nodes_then_one_leaves_mid_sweep(tmp_path, tiny_model) -> None:
         assert got == want
     finally:
         cluster.shutdown()
+
+
+def test_lost_cluster_ends_with_the_summary_not_a_hang(tmp_path, tiny_model) -> None:
+    cluster = RayCluster(tmp_path / "ray-start.log")
+    try:
+        spec_path = write_spec(tmp_path, tiny_model)
+        results = tmp_path / "results" / "it"
+        log = tmp_path / "driver.log"
+        proc = start_cli(spec_path, "--address", cluster.address, faults={"sleep_s": 0.3}, log=log)
+        assert wait_for(lambda: len(shard_files(results)) >= 3)
+        os.killpg(cluster.proc.pid, signal.SIGKILL)  # the whole cluster, at once
+        assert proc.wait(timeout=120) == 3, log.read_text()
+    finally:
+        cluster.stop()
+    out = log.read_text()
+    assert "Traceback" not in out, out
+    info = run_json(results)
+    done = info["shards"]["done"]
+    assert info["status"] == "interrupted" and info["stopped"].startswith("cluster lost")
+    assert done == len(shard_files(results)) and info["shards"]["failed"] == 0
+    assert f"interrupted (cluster lost: the Ray cluster at {info['cluster']['address']}" in out
+    assert f"{done} of 25 shards done" in out and "rerun the same command" in out
+    assert not (results / "failures.jsonl").exists(), "no shard charged for the lost cluster"
 
 
 def test_disk_full_stops_cleanly_and_resumes(tmp_path, ray_address, tiny_model) -> None:

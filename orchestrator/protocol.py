@@ -1,0 +1,123 @@
+"""What the driver and an actor say to each other: one module, imported by both sides.
+
+    driver --WorkerConfig--> ModelWorker(config)       (once per actor)
+    driver --Shard---------> ModelWorker.run(shard)    (once per shard)
+    driver <-ShardResult---- ModelWorker.run           (or a raised ShardOutOfMemory)
+
+Everything here is a frozen dataclass of plain data (or an Arrow table), so it pickles across
+Ray and compares by value in tests. Programs never cross: the actor regenerates a shard's
+programs from (seed, task, seq_len, indices).
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from orchestrator.spec import BehaviorSpec, ModelSpec, PatchingSpec, Spec
+
+Kind = Literal["behavior", "patching"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One unit of work for one model.
+
+    Attributes:
+        kind: `behavior` or `patching`.
+        model: the model id as the spec gives it.
+        task: family name.
+        seq_len: program length.
+        start / n: program indices `start .. start+n-1` of the (seed, task, seq_len) stream.
+        site: patching site (patching only).
+        layers: consecutive layer indices (patching only).
+        id: content hash; the shard's file is `<id>.parquet`.
+        part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
+    """
+
+    kind: Kind
+    model: str
+    task: str
+    seq_len: int
+    start: int
+    n: int
+    site: str | None = None
+    layers: tuple[int, ...] | None = None
+    id: str = ""
+    part: tuple[int, int] | None = None
+
+    @property
+    def file_stem(self) -> str:
+        return self.id if self.part is None else f"{self.id}.part{self.part[0]}of{self.part[1]}"
+
+    def describe(self) -> str:
+        """`patching binding seq_len=4 programs 0-1 site=resid_pre layers 0-1` (for people)."""
+        text = f"{self.kind} {self.task} seq_len={self.seq_len} programs {self.start}-"
+        text += str(self.start + self.n - 1)
+        if self.site is not None:
+            text += f" site={self.site}"
+        if self.layers:
+            text += f" layers {self.layers[0]}-{self.layers[-1]}"
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """What an actor needs to serve every shard of one model.
+
+    Attributes:
+        model: the spec's model entry.
+        behavior: the behaviour settings, or None when the sweep scores no behaviour.
+        patching: the patching settings, or None when the sweep patches nothing.
+        seed: the sweep seed (programs are regenerated from it).
+        task_options: family -> generator options.
+        threads: torch CPU threads for the actor (None: leave torch's default).
+    """
+
+    model: ModelSpec
+    behavior: BehaviorSpec | None
+    patching: PatchingSpec | None
+    seed: int
+    task_options: Mapping[str, Mapping[str, Any]]
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, spec: Spec, model_id: str, threads: int | None = None) -> "WorkerConfig":
+        """The config of `model_id`'s actors under `spec`.
+
+        Raises:
+            KeyError: `model_id` is not one of the spec's models.
+        """
+        models = {m.id: m for m in spec.models}
+        return cls(
+            model=models[model_id],
+            behavior=spec.experiments.behavior,
+            patching=spec.experiments.patching,
+            seed=spec.seed,
+            task_options={t.family: dict(t.options) for t in spec.tasks},
+            threads=threads,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """A finished shard.
+
+    Attributes:
+        table: its rows (behaviour or patching schema).
+        skipped: programs that could not be patched, with the reason (may have no rows).
+        seconds: time the actor spent on it.
+        pid / host / node_id: where it ran (node_id: the Ray node, None outside Ray).
+    """
+
+    table: pa.Table
+    skipped: pa.Table | None
+    seconds: float
+    pid: int
+    host: str
+    node_id: str | None = None
+
+
+class ShardOutOfMemory(RuntimeError):
+    """The shard does not fit even one patch per forward; the driver splits it."""
