@@ -61,7 +61,7 @@ class TaskSpec(_Strict):
     @classmethod
     def _unique(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v):
-            raise ValueError(f"seq_lens {v} repeats a length; list each once")
+            raise ValueError(f"seq_lens {v} repeats a length; fix: list each length once")
         return v
 
     @model_validator(mode="after")
@@ -71,7 +71,7 @@ class TaskSpec(_Strict):
         if short:
             raise ValueError(
                 f"seq_lens {short} are too short for {self.family}: it needs at least "
-                f"{family.min_seq_len} lines"
+                f"{family.min_seq_len} lines; fix: use longer programs"
             )
         # Generate one program: this checks every option's name and value with the family.
         generate(self.family, 0, self.seq_lens[0], 0, **self.options)
@@ -115,7 +115,9 @@ class PatchingSpec(_Strict):
     @classmethod
     def _sites_once(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
-            raise ValueError(f"sites {v} repeat a site (each would run twice); list each once")
+            raise ValueError(
+                f"sites {v} repeat a site (each would run twice); fix: list each site once"
+            )
         return v
 
     @field_validator("batch_size", mode="before")
@@ -183,7 +185,7 @@ class Spec(_Strict):
     def _cross_checks(self) -> "Spec":
         families = [t.family for t in self.tasks]
         if len(set(families)) != len(families):
-            raise ValueError(f"tasks list a family twice ({families}); merge their seq_lens")
+            raise ValueError(f"tasks list a family twice ({families}); fix: merge their seq_lens")
         for name, exp in (
             ("behavior", self.experiments.behavior),
             ("patching", self.experiments.patching),
@@ -193,11 +195,11 @@ class Spec(_Strict):
                 if unknown:
                     raise ValueError(
                         f"experiments.{name}.tasks names {unknown}, which are not in tasks "
-                        f"({families}); add them to tasks or remove them here"
+                        f"({families}); fix: add them to tasks or remove them here"
                     )
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"models list {ids}: an id appears twice")
+            raise ValueError(f"models list {ids}: an id appears twice; fix: list each model once")
         self._render_templates()
         return self
 

@@ -113,13 +113,17 @@ class Sweep:
             signal.signal(sig, self._on_signal)
 
     def main(self) -> int:
-        """Run the sweep; returns the exit status."""
+        """Run the sweep; returns the exit status (the caller's signal handlers are restored)."""
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         self._handle_signals()
         try:
             return self._main()
         except KeyboardInterrupt:
             print("interrupted before the sweep started; nothing was run", file=sys.stderr)
             return EXIT_INTERRUPTED
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
     def _main(self) -> int:
         args = self.args
