@@ -1,38 +1,37 @@
 """Batched, exact activation patching (causal tracing) of clean/counterfactual program pairs.
 
-For each program, the clean and counterfactual prompts run once, together, under an nnsight
-trace that saves every layer's residual input, attention-output-projection input (the heads)
-and MLP output, plus the clean run's keys and values. Then every patch row — (site, layer,
-position[, head]) — replaces one activation of the clean run with its counterfactual value and
-reads the last position's logits. The engine computes only what a patch can change:
+Three steps, each its own module:
 
-* rows whose clean and counterfactual activations are equal (every position before the first
-  differing token, for one) need no forward: their logits are the clean logits;
-* a patch at position p cannot change positions before p, so a patched forward feeds only the
-  tokens p.. and reads positions < p from the clean run's key/value cache;
-* a patch at layer L cannot change layers below L, so a row joins the batch at layer L, with the
-  clean residual stream as its input; the batch grows as the forward climbs the layers;
-* only the last position's logits are computed (`logits_to_keep=1`).
+1. **Plan** (`actors.plan`): every (site, layer, position[, head]) patch of the programs, which
+   need no forward, and the passes that compute the rest. Plain data; `Patcher.plan` returns it
+   for reading before anything runs.
+2. **Execute** (`actors.engine`): the clean and counterfactual runs of the programs (one forward
+   per program length and wave), then each pass, with rows of several programs in one forward.
+3. **Reduce** (`actors.readout`, inside each forward): only each row's logits of the two answer
+   tokens and its top-1 token leave the forward. This module turns them into rows of
+   `PATCHING_SCHEMA`.
 
-Rows with the same position run in one forward, in chunks of `batch_size`. The result equals one
-full forward per patch (tests check it against plain PyTorch hooks, not this code).
+The result equals one full forward per patch with plain hooks (tests check it against
+`tests/reference.py`, not this code, on every architecture `actors.arch` maps).
 """
 
 import dataclasses
-import inspect
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import DynamicCache
 
 from actors.arch import SITES, ArchMap
+from actors.budget import STACK_FRACTION, Footprint, auto_budget, row_limit
+from actors.engine import Engine, Stack, run_plan
 from actors.loading import LoadedModel
-from actors.targets import EncodedPair, Positions, Skip, encode_program
+from actors.plan import Plan, ProgramShape, Reads, build_plan
+from actors.readout import VOCAB_CHUNK, Readout
+from actors.targets import EncodedPair, Skip, encode_program
 
 logger = logging.getLogger(__name__)
 
@@ -64,328 +63,178 @@ PATCHING_SCHEMA = pa.schema(
 
 
 @dataclasses.dataclass(frozen=True)
-class RunActivations:
-    """Activations of one run (batch of one), stacked over layers."""
+class Wave:
+    """Programs patched together: their plan, and per patch (in plan order) the logits of
+    (clean answer, counterfactual answer) and the top-1 token."""
 
-    resid_pre: Float[Tensor, "layer pos d_model"]
-    z: Float[Tensor, "layer pos head d_head"]
-    mlp_out: Float[Tensor, "layer pos d_model"]
-    logits: Float[Tensor, " vocab"]  # last position, float32
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One patch: put the counterfactual activation at (site, layer, pos[, head])."""
-
-    site: str
-    layer: int
-    pos: int
-    head: int | None = None
-
-
-def _module_paths(model: torch.nn.Module) -> dict[int, str]:
-    return {id(m): name for name, m in model.named_modules()}
-
-
-def _envoy(root: Any, path: str) -> Any:
-    node = root
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward once the wanted layer has run."""
+    plan: Plan
+    pairs: list[tuple[dict, EncodedPair]]
+    logits: Float[Tensor, "patch 2"]
+    top: Int[Tensor, " patch"]
+    stacks: dict[int, tuple[Stack, dict[int, int]]]
 
 
 class Patcher:
     """Patches programs on one loaded model. Plain class: the orchestrator's actor wraps it.
 
+    Args:
+        lm: the loaded model.
+        batch_size: rows per forward at most, or `auto`: as many as fit the memory budget
+            (`actors.budget`), splitting a pass that still runs out of memory.
+        budget_bytes: the activation budget of `auto` (default: from the device's free memory).
+        vocab_chunk: vocabulary rows per matmul of the readout's top-1 search.
+
     Example:
         >>> lm = load_model("models/binding-tiny")
-        >>> table = Patcher(lm).patch(programs, sites=["resid_pre"], positions="targets")
+        >>> patcher = Patcher(lm)
+        >>> print(patcher.plan(programs, sites=["resid_pre"]).describe())
+        >>> table = patcher.patch(programs, sites=["resid_pre"], positions="targets")
     """
 
-    def __init__(self, lm: LoadedModel, batch_size: int = 256) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+    def __init__(
+        self,
+        lm: LoadedModel,
+        batch_size: int | Literal["auto"] = "auto",
+        budget_bytes: int | None = None,
+        vocab_chunk: int = VOCAB_CHUNK,
+    ) -> None:
         self.lm = lm
         self.arch: ArchMap = lm.arch
         self.batch_size = batch_size
-        paths = _module_paths(lm.model)
-        self._paths = {
-            "layer": [paths[id(m)] for m in self.arch.layers],
-            "attn_out": [paths[id(m)] for m in self.arch.attn_out],
-            "mlp": [paths[id(m)] for m in self.arch.mlp],
-        }
-        params = inspect.signature(lm.model.forward).parameters
-        # transformers 5.2x renamed `past_key_values` to `cache`; take whichever this one has.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.readout = Readout.of(lm.model, vocab_chunk)
+        self.engine = Engine(lm.model, lm.arch, self.readout)
+        dtype = next(lm.model.parameters()).dtype
+        self.footprint = Footprint.of(lm.arch, lm.model.config, dtype.itemsize)
+        self.budget_bytes = budget_bytes
         self.skipped: list[tuple[Any, str]] = []
+        self.last_plan: Plan | None = None
+        self._checked = False
 
-    # -- clean and counterfactual runs ------------------------------------------------------
-    @torch.no_grad()
-    def run_pair(
-        self, clean_ids: Sequence[int], cf_ids: Sequence[int]
-    ) -> tuple[RunActivations, RunActivations, DynamicCache]:
-        """Run clean and counterfactual together; save activations and the clean KV cache."""
-        import nnsight
+    @property
+    def batch_size(self) -> int | Literal["auto"]:
+        return self._batch_size
 
-        ids = torch.tensor([list(clean_ids), list(cf_ids)], device=self.lm.device)
-        nn_model = self.lm.lm
-        with nn_model.trace(ids, attention_mask=torch.ones_like(ids), use_cache=True):
-            resid, z, mlp = [], [], []
-            # Read in forward order, layer by layer (nnsight raises OutOfOrderError otherwise).
-            for layer in range(self.arch.n_layers):
-                resid.append(_envoy(nn_model, self._paths["layer"][layer]).input)
-                z.append(_envoy(nn_model, self._paths["attn_out"][layer]).input)
-                mlp.append(_envoy(nn_model, self._paths["mlp"][layer]).output)
-            saved = nnsight.save((resid, z, mlp))
-            output = nn_model.output.save()
-        resid_t, z_t, mlp_t = (torch.stack(list(x), dim=1) for x in saved)
-        n, pos = ids.shape
-        z_t = z_t.view(n, self.arch.n_layers, pos, self.arch.n_heads, self.arch.d_head)
-        last = output.logits[:, -1].float()
-        runs = [RunActivations(resid_t[i], z_t[i], mlp_t[i], last[i]) for i in range(2)]
-        return runs[0], runs[1], output.past_key_values
+    @batch_size.setter
+    def batch_size(self, value: int | Literal["auto"]) -> None:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+        self._batch_size = value
 
-    # -- the patched forward ----------------------------------------------------------------
-    def _prefix_cache(self, kv: DynamicCache, p: int, batch: list[int]) -> DynamicCache | None:
-        """Clean keys/values of positions < p, repeated to each layer's batch size."""
-        if p == 0:
+    def _budget(self) -> int | None:
+        if self.batch_size != "auto":
             return None
-        cache = DynamicCache()
-        for layer in range(self.arch.n_layers):
-            keys, values = kv.layers[layer].keys, kv.layers[layer].values
-            k = keys[:1, :, :p].expand(batch[layer], -1, -1, -1)
-            v = values[:1, :, :p].expand(batch[layer], -1, -1, -1)
-            cache.update(k, v, layer)
-        return cache
+        if self.budget_bytes is None:
+            self.budget_bytes = auto_budget(self.lm.device)
+        return self.budget_bytes
 
-    def _run_suffix(
-        self,
-        clean_ids: Sequence[int],
-        kv: DynamicCache,
-        p: int,
-        end: int,
-        joins: list[list[Tensor]],
-        heads: list[list[tuple[int, tuple[int, Tensor]]]],
-        mlps: list[list[tuple[int, Tensor]]],
-        capture: list[list[int]] | None = None,
-    ) -> Tensor | list[Tensor]:
-        """One forward over tokens p..end-1 (earlier ones from the clean KV cache), with rows
-        that join the batch at their layer.
+    def _row_limit(self):
+        max_rows = None if self.batch_size == "auto" else self.batch_size
+        return row_limit(self.footprint, self._budget(), max_rows)
 
-        Args:
-            joins: per layer, hidden states `[pos, d_model]` of the rows joining there; batch
-                indices follow the joining order, from 0.
-            heads: per layer, (batch index, (head, `[d_head]` value)) written into that head's
-                slice of the attention output projection's input at the first position.
-            mlps: per layer, (batch index, `[d_model]` value) written as the MLP's output at the
-                first position.
-            capture: per layer, batch indices whose output of that layer (first position) to
-                return; the forward stops after the last such layer.
-
-        Returns:
-            Last-position logits `[rows, vocab]`, or the captured states in capture order.
-        """
-        n_layers = self.arch.n_layers
-        # The forward starts from the clean tokens (batch of one) only because a model starts at
-        # its embeddings; that row is dropped where the first rows join.
-        first = next(x for x in range(n_layers) if joins[x])
-        batch, size = [], 0
-        for layer in range(n_layers):
-            size += len(joins[layer])
-            batch.append(size if layer >= first else 1)
-        captured: list[Tensor] = []
-        last = max((x for x in range(n_layers) if capture and capture[x]), default=None)
-
-        def join(layer: int) -> Callable:
-            def pre_hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                fresh = torch.stack(joins[layer]).to(hidden.dtype)
-                hidden = fresh if layer == first else torch.cat([hidden, fresh], dim=0)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            return pre_hook
-
-        def write_heads(layer: int) -> Callable:
-            def pre_hook(module, args):
-                z = args[0].clone()
-                view = z.view(*z.shape[:2], self.arch.n_heads, self.arch.d_head)
-                for b, (h, value) in heads[layer]:
-                    view[b, 0, h] = value.to(z.dtype)
-                return (z, *args[1:])
-
-            return pre_hook
-
-        def write_mlp(layer: int) -> Callable:
-            def hook(module, args, output):
-                out = output.clone()
-                for b, value in mlps[layer]:
-                    out[b, 0] = value.to(out.dtype)
-                return out
-
-            return hook
-
-        def read(layer: int) -> Callable:
-            def hook(module, args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                captured.extend(hidden[b, 0] for b in capture[layer])
-                if layer == last:
-                    raise _StopForward
-
-            return hook
-
-        handles = []
-        try:
-            for layer in range(n_layers):
-                if joins[layer]:
-                    handles.append(
-                        self.arch.layers[layer].register_forward_pre_hook(
-                            join(layer), with_kwargs=True
-                        )
-                    )
-                if heads[layer]:
-                    handles.append(
-                        self.arch.attn_out[layer].register_forward_pre_hook(write_heads(layer))
-                    )
-                if mlps[layer]:
-                    handles.append(self.arch.mlp[layer].register_forward_hook(write_mlp(layer)))
-                if capture and capture[layer]:
-                    handles.append(self.arch.layers[layer].register_forward_hook(read(layer)))
-            ids = torch.tensor([list(clean_ids[p:end])], device=self.lm.device)
-            kwargs = {self._cache_kwarg: self._prefix_cache(kv, p, batch), "use_cache": p > 0}
-            try:
-                logits = self.lm.model(input_ids=ids, logits_to_keep=1, **kwargs).logits[:, -1]
-            except _StopForward:
-                return captured
-        finally:
-            for handle in handles:
-                handle.remove()
-        assert last is None, "the forward ended before the last captured layer"
-        return logits
-
-    @torch.no_grad()
-    def patched_logits(
-        self,
-        clean_ids: Sequence[int],
-        clean: RunActivations,
-        cf: RunActivations,
-        kv: DynamicCache,
-        p: int,
-        rows: Sequence[Row],
-    ) -> Float[Tensor, "row vocab"]:
-        """Last-position logits of the clean run with each row's patch at position `p`.
-
-        Rows must share `pos == p`. A row joins the batch at its layer, with the clean residual
-        stream of positions p.. as input, so the layers below it are not recomputed. A head
-        patch at layer L < last, p < last position changes only position p's residual after
-        layer L: a one-position forward computes that residual for all such rows at once, and
-        they join the main forward at layer L + 1. At the last layer and p < last position, a
-        head patch cannot reach the last position's logits: those rows keep the clean logits.
-        """
-        assert all(r.pos == p for r in rows), f"rows at positions {sorted({r.pos for r in rows})}"
-        n_layers, end = self.arch.n_layers, len(clean_ids)
-        out = clean.logits.unsqueeze(0).repeat(len(rows), 1)
-        early_heads = [i for i, r in enumerate(rows) if r.site == "attn_head" and p < end - 1]
-        first_pass = [i for i in early_heads if rows[i].layer < n_layers - 1]
-        after_heads: dict[int, Tensor] = {}
-        if first_pass:
-            joins: list[list[Tensor]] = [[] for _ in range(n_layers)]
-            heads: list[list] = [[] for _ in range(n_layers)]
-            capture: list[list[int]] = [[] for _ in range(n_layers)]
-            order = sorted(first_pass, key=lambda i: rows[i].layer)
-            for b, i in enumerate(order):
-                layer = rows[i].layer
-                joins[layer].append(clean.resid_pre[layer, p : p + 1])
-                heads[layer].append((b, (rows[i].head, cf.z[layer, p, rows[i].head])))
-                capture[layer].append(b)
-            captured = self._run_suffix(
-                clean_ids, kv, p, p + 1, joins, heads, [[] for _ in range(n_layers)], capture
-            )
-            # Capture order is layer by layer, rows in joining order: the order of `order`.
-            after_heads = dict(zip(order, captured, strict=True))
-        skipped = set(early_heads) - set(after_heads)  # last-layer heads: clean logits
-        main = [i for i in range(len(rows)) if i not in skipped]
-        if not main:
-            return out
-        joins = [[] for _ in range(n_layers)]
-        heads = [[] for _ in range(n_layers)]
-        mlps: list[list] = [[] for _ in range(n_layers)]
-        start_layer = {i: rows[i].layer + (i in after_heads) for i in main}
-        order = sorted(main, key=lambda i: start_layer[i])
-        for b, i in enumerate(order):
-            row, layer = rows[i], start_layer[i]
-            fresh = clean.resid_pre[layer, p:].clone()
-            if row.site == "resid_pre":
-                fresh[0] = cf.resid_pre[layer, p]
-            elif i in after_heads:
-                fresh[0] = after_heads[i]
-            elif row.site == "attn_head":
-                heads[layer].append((b, (row.head, cf.z[layer, p, row.head])))
+    # -- plan -------------------------------------------------------------------------------
+    def _encode(self, programs: Sequence[Any]) -> list[tuple[dict, EncodedPair]]:
+        pairs = []
+        for program in programs:
+            prog = program if isinstance(program, dict) else program.to_dict()
+            pair = encode_program(self.lm.tokenizer, prog)
+            if isinstance(pair, Skip):
+                self.skipped.append((prog, pair.reason))
             else:
-                mlps[layer].append((b, cf.mlp_out[layer, p]))
-            joins[layer].append(fresh)
-        logits = self._run_suffix(clean_ids, kv, p, end, joins, heads, mlps)
-        assert logits.shape[0] == len(main), f"batch {logits.shape[0]} != {len(main)} rows"
-        out[order] = logits.float()
-        return out
+                pairs.append((prog, pair))
+        return pairs
 
-    # -- rows and metrics -------------------------------------------------------------------
-    def rows_for(
-        self, pair: EncodedPair, sites: Sequence[str], layers: Sequence[int], positions: Positions
-    ) -> list[Row]:
-        """Every (site, layer, position[, head]) patch of one program."""
-        pos = pair.positions(positions)
-        rows: list[Row] = []
-        for site in sites:
-            for layer in layers:
-                for p in pos:
-                    if site == "attn_head":
-                        rows.extend(Row(site, layer, p, h) for h in range(self.arch.n_heads))
-                    else:
-                        rows.append(Row(site, layer, p))
-        return rows
+    def _plan(self, pairs, sites, layers, positions) -> Plan:
+        shapes = [
+            ProgramShape(len(pair.clean_ids), tuple(pair.diff), tuple(pair.positions(positions)))
+            for _, pair in pairs
+        ]
+        n = self.arch.n_layers
+        layers = list(range(n)) if layers is None else list(layers)
+        try:
+            return build_plan(shapes, sites, layers, n, self.arch.n_heads, self._row_limit())
+        except ValueError as err:
+            raise ValueError(f"{self.lm.name}: {err}") from None
 
-    @staticmethod
-    def _changes(row: Row, clean: RunActivations, cf: RunActivations) -> bool:
-        if row.site == "resid_pre":
-            return not torch.equal(
-                clean.resid_pre[row.layer, row.pos], cf.resid_pre[row.layer, row.pos]
-            )
-        if row.site == "mlp_out":
-            return not torch.equal(
-                clean.mlp_out[row.layer, row.pos], cf.mlp_out[row.layer, row.pos]
-            )
-        return not torch.equal(
-            clean.z[row.layer, row.pos, row.head], cf.z[row.layer, row.pos, row.head]
-        )
-
-    def patch_pair(
+    def plan(
         self,
-        pair: EncodedPair,
-        sites: Sequence[str],
-        layers: Sequence[int],
-        positions: Positions = "all",
-    ) -> tuple[list[Row], Float[Tensor, "row vocab"], RunActivations, RunActivations]:
-        """All patches of one encoded program: the rows, their logits, and the two runs."""
-        clean, cf, kv = self.run_pair(pair.clean_ids, pair.cf_ids)
-        rows = self.rows_for(pair, sites, layers, positions)
-        logits = clean.logits.unsqueeze(0).repeat(len(rows), 1)
-        by_pos: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            if self._changes(row, clean, cf):
-                by_pos.setdefault(row.pos, []).append(i)
-        for p, idx in sorted(by_pos.items()):
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start : start + self.batch_size]
-                logits[chunk] = self.patched_logits(
-                    pair.clean_ids, clean, cf, kv, p, [rows[i] for i in chunk]
-                )
-        return rows, logits, clean, cf
+        programs: Sequence[Any],
+        sites: Sequence[str] = ("resid_pre",),
+        layers: Sequence[int] | None = None,
+        positions: str = "all",
+    ) -> Plan:
+        """The plan `patch` would run for these arguments (nothing runs)."""
+        _check_arguments(sites, positions)
+        return self._plan(self._encode(programs), sites, layers, positions)
+
+    # -- execute ----------------------------------------------------------------------------
+    def _stack_wave(self, pairs: list[tuple[dict, EncodedPair]], reads: Reads) -> int:
+        """Programs whose clean/counterfactual activations are kept at once."""
+        budget = self._budget()
+        if budget is None:
+            return len(pairs)
+        n_tokens = max(len(p.clean_ids) for _, p in pairs)
+        per_program = self.footprint.stack_bytes(reads, n_tokens)
+        return max(1, int(budget * STACK_FRACTION) // per_program)
+
+    def _stacks(
+        self, pairs: list[tuple[dict, EncodedPair]], reads: Reads
+    ) -> dict[int, tuple[Stack, dict[int, int]]]:
+        by_length: dict[int, list[int]] = {}
+        for g, (_, pair) in enumerate(pairs):
+            by_length.setdefault(len(pair.clean_ids), []).append(g)
+        stacks = {}
+        device = self.lm.device
+        for n_tokens, members in by_length.items():
+            clean = torch.tensor([pairs[g][1].clean_ids for g in members], device=device)
+            cf = torch.tensor([pairs[g][1].cf_ids for g in members], device=device)
+            tokens = torch.tensor(
+                [[pairs[g][1].clean_answer_id, pairs[g][1].cf_answer_id] for g in members],
+                device=device,
+            )
+            stack = self.engine.runs(clean, cf, tokens, reads)
+            stacks[n_tokens] = (stack, {g: s for s, g in enumerate(members)})
+        return stacks
+
+    def _execute(self, plan: Plan, pairs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        stacks = self._stacks(pairs, plan.reads)
+        auto = self.batch_size == "auto"
+        splits = self.engine.stats.oom_splits
+        logits, top = run_plan(self.engine, plan, stacks, split_on_oom=auto)
+        if auto and self.engine.stats.oom_splits > splits:
+            # The footprint underestimated this device: plan the next waves with less.
+            self.budget_bytes = max(1, self.budget_bytes // 2)
+            logger.warning(
+                "%s: passes ran out of memory and were split; budget now %.0f MiB",
+                self.lm.name,
+                self.budget_bytes / 2**20,
+            )
+        return logits, top, stacks
+
+    def run(
+        self,
+        programs: Sequence[Any],
+        sites: Sequence[str] = ("resid_pre",),
+        layers: Sequence[int] | None = None,
+        positions: str = "all",
+    ) -> Iterator[Wave]:
+        """Patch the programs, a wave of programs at a time (as many as the memory budget keeps
+        at once); arguments as for `patch`. Yields each wave's plan and readouts."""
+        _check_arguments(sites, positions)
+        pairs = self._encode(programs)
+        if not pairs:
+            self._plan(pairs, sites, layers, positions)  # the arguments' checks
+            return
+        if not self._checked:
+            ids = torch.tensor([pairs[0][1].clean_ids], device=self.lm.device)
+            self.readout.check(self.lm.model, ids)
+            self._checked = True
+        wave = self._stack_wave(pairs, self._plan(pairs[:1], sites, layers, positions).reads)
+        for start in range(0, len(pairs), wave):
+            part = pairs[start : start + wave]
+            plan = self._plan(part, sites, layers, positions)
+            self.last_plan = plan
+            logits, top, stacks = self._execute(plan, part)
+            yield Wave(plan, part, logits, top, stacks)
 
     def patch(
         self,
@@ -409,69 +258,64 @@ class Patcher:
 
         Raises:
             ValueError: an unknown site or positions value, or a layer out of range.
+            torch.OutOfMemoryError: with `batch_size: auto`, not even one row per forward fits;
+                with an integer batch size, the first time a forward does not fit.
         """
-        bad = [s for s in sites if s not in SITES]
-        if bad:
-            raise ValueError(f"unknown site(s) {bad}; the sites are {list(SITES)}")
-        if positions not in ("all", "targets"):
-            raise ValueError(f"positions={positions!r}; use all or targets")
-        n = self.arch.n_layers
-        layers = list(range(n)) if layers is None else list(layers)
-        out_of_range = [x for x in layers if not 0 <= x < n]
-        if out_of_range:
-            raise ValueError(
-                f"layers {out_of_range} out of range: {self.lm.name} has layers 0..{n - 1}"
-            )
         columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
-        for program in programs:
-            prog = program if isinstance(program, dict) else program.to_dict()
-            pair = encode_program(self.lm.tokenizer, prog)
-            if isinstance(pair, Skip):
-                self.skipped.append((prog, pair.reason))
-                continue
-            rows, logits, clean, cf = self.patch_pair(pair, sites, layers, positions)
-            self._append(columns, prog, pair, rows, logits, clean, cf)
+        for wave in self.run(programs, sites, layers, positions):
+            _append(columns, self.lm.name, wave)
         return pa.table(columns, schema=PATCHING_SCHEMA)
 
-    def _append(
-        self,
-        columns: dict[str, list],
-        prog: dict,
-        pair: EncodedPair,
-        rows: Sequence[Row],
-        logits: Float[Tensor, "row vocab"],
-        clean: RunActivations,
-        cf: RunActivations,
-    ) -> None:
-        a, b = pair.clean_answer_id, pair.cf_answer_id
-        clean_ld = (clean.logits[b] - clean.logits[a]).item()
-        cf_ld = (cf.logits[b] - cf.logits[a]).item()
-        patched = (logits[:, b] - logits[:, a]).tolist()
-        top = logits.argmax(-1).tolist()
-        denom = cf_ld - clean_ld
-        n = len(rows)
-        fixed = {
-            "model": self.lm.name,
-            "task": prog["task"],
-            "seq_len": prog["seq_len"],
-            "program": prog["index"],
-            "clean_answer": prog["answer"],
-            "cf_answer": prog["cf_answer"],
-            "clean_correct": int(clean.logits.argmax()) == a,
-            "cf_correct": int(cf.logits.argmax()) == b,
-            "clean_logit_diff": clean_ld,
-            "cf_logit_diff": cf_ld,
-        }
-        for key, value in fixed.items():
-            columns[key].extend([value] * n)
-        columns["site"].extend(r.site for r in rows)
-        columns["layer"].extend(r.layer for r in rows)
-        columns["head"].extend(r.head for r in rows)
-        columns["pos"].extend(r.pos for r in rows)
-        columns["token"].extend(pair.tokens[r.pos] for r in rows)
-        columns["label"].extend(pair.labels[r.pos] for r in rows)
-        columns["patched_logit_diff"].extend(patched)
-        columns["norm_effect"].extend(
-            (x - clean_ld) / denom if abs(denom) >= MIN_DENOMINATOR else None for x in patched
+
+def _check_arguments(sites: Sequence[str], positions: str) -> None:
+    bad = [s for s in sites if s not in SITES]
+    if bad:
+        raise ValueError(f"unknown site(s) {bad}; the sites are {list(SITES)}")
+    if positions not in ("all", "targets"):
+        raise ValueError(f"positions={positions!r}; use all or targets")
+
+
+def _append(columns: dict[str, list], model: str, wave: Wave) -> None:
+    """Rows of one wave, in its plan's patch order."""
+    plan, pairs, stacks = wave.plan, wave.pairs, wave.stacks
+    patched = (wave.logits[:, 1] - wave.logits[:, 0]).tolist()
+    flipped = wave.top.tolist()
+    per_program = []
+    for g, (prog, pair) in enumerate(pairs):
+        stack, slot_of = stacks[len(pair.clean_ids)]
+        s = slot_of[g]
+        clean_ld = (stack.clean_logits[s, 1] - stack.clean_logits[s, 0]).item()
+        cf_ld = (stack.cf_logits[s, 1] - stack.cf_logits[s, 0]).item()
+        per_program.append(
+            {
+                "model": model,
+                "task": prog["task"],
+                "seq_len": prog["seq_len"],
+                "program": prog["index"],
+                "clean_answer": prog["answer"],
+                "cf_answer": prog["cf_answer"],
+                "clean_correct": int(stack.clean_top[s]) == pair.clean_answer_id,
+                "cf_correct": int(stack.cf_top[s]) == pair.cf_answer_id,
+                "clean_logit_diff": clean_ld,
+                "cf_logit_diff": cf_ld,
+            }
         )
-        columns["flipped"].extend(t == b for t in top)
+    for i, patch in enumerate(plan.patches):
+        fixed = per_program[patch.program]
+        pair = pairs[patch.program][1]
+        for key, value in fixed.items():
+            columns[key].append(value)
+        columns["site"].append(patch.site)
+        columns["layer"].append(patch.layer)
+        columns["head"].append(patch.head)
+        columns["pos"].append(patch.pos)
+        columns["token"].append(pair.tokens[patch.pos])
+        columns["label"].append(pair.labels[patch.pos])
+        columns["patched_logit_diff"].append(patched[i])
+        denom = fixed["cf_logit_diff"] - fixed["clean_logit_diff"]
+        columns["norm_effect"].append(
+            (patched[i] - fixed["clean_logit_diff"]) / denom
+            if abs(denom) >= MIN_DENOMINATOR
+            else None
+        )
+        columns["flipped"].append(flipped[i] == pair.cf_answer_id)

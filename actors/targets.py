@@ -28,8 +28,8 @@ class EncodedPair:
         labels: one label per position (`ref_depth_k_rhs`, `query_var`, `final_colon`,
             `cf_const`, or `other`).
         tokens: the decoded token at each position.
-        first_diff: first position where the prompts' tokens differ; activations before it are
-            identical in the two runs.
+        diff: the positions where the prompts' tokens differ (ascending); activations before
+            the first are identical in the two runs.
     """
 
     clean_ids: list[int]
@@ -38,7 +38,11 @@ class EncodedPair:
     cf_answer_id: int
     labels: list[str]
     tokens: list[str]
-    first_diff: int
+    diff: list[int]
+
+    @property
+    def first_diff(self) -> int:
+        return self.diff[0]
 
     def positions(self, which: Positions) -> list[int]:
         """Every position, or only the labelled ones."""
@@ -120,7 +124,7 @@ def encode_pair(
         cf_answer_id=cf_tok,
         labels=label_positions(enc["offset_mapping"], spans),
         tokens=[tokenizer.decode([t]) for t in clean_ids],
-        first_diff=diffs[0],
+        diff=diffs,
     )
 
 

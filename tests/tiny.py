@@ -7,10 +7,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -20,6 +23,11 @@ from models.tokenizer import build_char_tokenizer
 from orchestrator.tasks import FAMILIES, iter_programs
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "gpt_neox")
+# Architectures with more than a Llama's parts: norms after attention and MLP, soft-capped
+# attention and final logits, sliding-window layers (a window of 8 tokens, shorter than the
+# programs, so that the window matters), fused projections.
+MORE_ARCHS = ("gemma2", "gemma3", "phi3")
+SLIDING_WINDOW = 8
 
 
 def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 64):
@@ -37,7 +45,27 @@ def tiny_config(arch: str, vocab_size: int, n_layers: int = 2, d_model: int = 64
             rotary_pct=0.5,
             **common,
         )
+    if arch in ("gemma2", "gemma3"):
+        cls = Gemma2Config if arch == "gemma2" else Gemma3TextConfig
+        extra = {"final_logit_softcapping": 5.0} if arch == "gemma2" else {}
+        return cls(
+            num_hidden_layers=n_layers,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=SLIDING_WINDOW,
+            # Sliding and full layers alternate, so both kinds are patched.
+            layer_types=["sliding_attention", "full_attention"] * (n_layers // 2)
+            + ["sliding_attention"] * (n_layers % 2),
+            max_position_embeddings=512,
+            **extra,
+            **common,
+        )
     cls = {
+        "phi3": Phi3Config,
         "llama": LlamaConfig,
         "qwen2": Qwen2Config,
         "qwen3": Qwen3Config,

@@ -1,0 +1,413 @@
+"""Executes a patching plan (`actors.plan`) on a Hugging Face model.
+
+One mechanism for every read and write: plain PyTorch forward hooks on the model's own modules,
+installed for one forward and removed after it. The model's forward is Hugging Face's, unchanged,
+so its numerics are the model's (masks, rotary or absolute positions, norms, soft-capping).
+Plain hooks rather than nnsight, because a pass changes the batch size between layers (rows join
+at their layer, each with its own cached prefix): a hook returns a tensor of another batch size,
+which is all this needs, without a tracing graph per pass or a source file to read. `lm.lm`
+stays the nnsight wrapper for tracing by hand.
+
+Two kinds of forward:
+* `runs`: the clean and counterfactual prompts of programs of one length, in one batch. Keeps
+  what the plan's passes read (`Plan.reads`), the clean run's keys and values, and both runs'
+  readouts.
+* `run_pass`: one `Pass`. The forward is fed the tokens `start..stop-1` with the clean keys and
+  values of positions < start in the cache; a pre-hook on each layer appends the rows joining
+  there (each with its own program's cache, set up before the forward); hooks on the attention
+  output projection and the MLP write the counterfactual values; the base model's last hidden
+  state goes through `Readout`, or (pre-passes) a hook on each entry's layer keeps its output at
+  the first position and the forward stops after the pass's last layer.
+"""
+
+import collections
+import dataclasses
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import DynamicCache
+
+from actors.arch import ArchMap
+from actors.plan import Pass, Plan, Reads
+from actors.readout import Readout
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the engine computed, counted where it happens (decoder layers' inputs)."""
+
+    token_layers: int = 0  # sum over forwards and layers of batch x positions fed
+    forwards: int = 0
+    readout_rows: int = 0
+    oom_splits: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Clean and counterfactual runs of programs of one length, stacked (slot = program).
+
+    Attributes:
+        ids: clean token ids.
+        tokens: per program the token ids whose logits are read (clean answer, cf answer).
+        clean_resid / cf_resid: per layer, the residual stream entering it.
+        cf_z: per layer, the heads' outputs (input of the attention output projection).
+        cf_mlp: per layer, the MLP's output.
+        keys / values: per layer, the clean run's (all layers).
+        clean_logits / cf_logits: each run's logits of `tokens`; clean_top / cf_top: top-1.
+    """
+
+    ids: Int[Tensor, "prog pos"]
+    tokens: Int[Tensor, "prog k"]
+    clean_resid: dict[int, Float[Tensor, "prog pos d_model"]]
+    cf_resid: dict[int, Float[Tensor, "prog pos d_model"]]
+    cf_z: dict[int, Float[Tensor, "prog pos head d_head"]]
+    cf_mlp: dict[int, Float[Tensor, "prog pos d_model"]]
+    keys: list[Tensor]
+    values: list[Tensor]
+    clean_logits: Float[Tensor, "prog k"]
+    cf_logits: Float[Tensor, "prog k"]
+    clean_top: Int[Tensor, " prog"]
+    cf_top: Int[Tensor, " prog"]
+
+
+class _Stop(Exception):
+    """Ends a pre-pass once its last layer has run: the layers above would compute nothing read.
+    (nnsight stops a trace early the same way.)"""
+
+
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextmanager
+def _hooks(registrations: list[tuple[torch.nn.Module, str, Any]]) -> Iterator[None]:
+    """Install (module, kind, fn) hooks for the duration of the block; kind is `pre` (forward
+    pre-hook with kwargs), `pre_args` (forward pre-hook on positional args) or `post`."""
+    handles = []
+    try:
+        for module, kind, fn in registrations:
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            elif kind == "pre_args":
+                handles.append(module.register_forward_pre_hook(fn))
+            else:
+                handles.append(module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Engine:
+    """Runs forwards on one model for the patcher: `runs` and `run_pass`.
+
+    Args:
+        model: a Hugging Face causal LM in eval mode.
+        arch: where its sites are.
+        readout: its output embedding (see `actors.readout`).
+    """
+
+    def __init__(self, model: Any, arch: ArchMap, readout: Readout) -> None:
+        self.model = model
+        self.base = model.base_model
+        self.arch = arch
+        self.readout = readout
+        self.device = next(model.parameters()).device
+        params = inspect.signature(self.base.forward).parameters
+        # Some transformers 5 releases name the cache argument `cache`; take whichever exists.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.stats = Stats()
+
+    def _counting(self) -> list[tuple[torch.nn.Module, str, Any]]:
+        """Pre-hooks counting each layer's batch x positions; install them after the hooks that
+        change the batch, so that they see what the layer computes."""
+
+        def count(module, args, kwargs):
+            h = _hidden(args, kwargs)
+            self.stats.token_layers += h.shape[0] * h.shape[1]
+
+        return [(layer, "pre", count) for layer in self.arch.layers]
+
+    # -- clean and counterfactual runs ------------------------------------------------------
+    @torch.no_grad()
+    def runs(
+        self,
+        clean_ids: Int[Tensor, "prog pos"],
+        cf_ids: Int[Tensor, "prog pos"],
+        tokens: Int[Tensor, "prog k"],
+        reads: Reads,
+    ) -> Stack:
+        """Both runs of programs of one length in one forward; keep what `reads` asks for."""
+        g, n_layers = clean_ids.shape[0], self.arch.n_layers
+        resid: dict[int, Tensor] = {}
+        z: dict[int, Tensor] = {}
+        mlp: dict[int, Tensor] = {}
+
+        def keep(store: dict, layer: int, kind: str):
+            def pre(module, args, kwargs):
+                store[layer] = _hidden(args, kwargs)
+
+            def pre_args(module, args):
+                store[layer] = args[0]
+
+            def post(module, args, out):
+                store[layer] = _output(out)
+
+            return {"pre": pre, "pre_args": pre_args, "post": post}[kind]
+
+        hooks = []
+        for layer in sorted(set(reads.clean_resid) | set(reads.cf_resid)):
+            hooks.append((self.arch.layers[layer], "pre", keep(resid, layer, "pre")))
+        for layer in reads.cf_z:
+            hooks.append((self.arch.attn_out[layer], "pre_args", keep(z, layer, "pre_args")))
+        for layer in reads.cf_mlp:
+            hooks.append((self.arch.mlp[layer], "post", keep(mlp, layer, "post")))
+        ids = torch.cat([clean_ids, cf_ids]).to(self.device)
+        # A cache without the config: full layers, so that sliding-window models keep every key.
+        cache = DynamicCache()
+        with _hooks(hooks + self._counting()):
+            out = self.base(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
+        self.stats.forwards += 1
+        logits, top = self._read(out.last_hidden_state[:, -1], torch.cat([tokens, tokens]))
+        heads, d_head = self.arch.n_heads, self.arch.d_head
+        return Stack(
+            ids=clean_ids.to(self.device),
+            tokens=tokens.to(self.device),
+            clean_resid={x: resid[x][:g] for x in reads.clean_resid},
+            cf_resid={x: resid[x][g:] for x in reads.cf_resid},
+            cf_z={x: z[x][g:].reshape(g, -1, heads, d_head) for x in reads.cf_z},
+            cf_mlp={x: mlp[x][g:] for x in reads.cf_mlp},
+            keys=[cache.layers[x].keys[:g] for x in range(n_layers)],
+            values=[cache.layers[x].values[:g] for x in range(n_layers)],
+            clean_logits=logits[:g],
+            cf_logits=logits[g:],
+            clean_top=top[:g],
+            cf_top=top[g:],
+        )
+
+    def _read(self, hidden: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        self.stats.readout_rows += hidden.shape[0]
+        return self.readout(hidden, tokens.to(hidden.device))
+
+    # -- one pass ---------------------------------------------------------------------------
+    def _prefix_cache(self, ps: Pass, stack: Stack, slots: Tensor) -> DynamicCache | None:
+        """The clean keys/values of positions < start, for each layer's batch of rows."""
+        if ps.start == 0:
+            return None
+        cache = DynamicCache()
+        for layer in range(self.arch.n_layers):
+            a, b = ps.members(layer) if layer <= ps.last_layer else (0, 0)
+            rows = slots[a:b] if b > a else slots[:1]
+            k = stack.keys[layer][:, :, : ps.start]
+            v = stack.values[layer][:, :, : ps.start]
+            if bool((rows == rows[0]).all()):
+                # One program: a broadcast view, which the cache copies once.
+                k, v = (x[rows[0]].expand(len(rows), -1, -1, -1) for x in (k, v))
+            else:
+                k, v = k[rows], v[rows]
+            cache.update(k, v, layer)
+        return cache
+
+    def _inputs(
+        self, ps: Pass, stack: Stack, slots: Tensor, carried: dict[int, Tensor]
+    ) -> dict[int, Tensor]:
+        """Per layer, the hidden states `[rows, width, d_model]` of the entries joining there."""
+        joins: dict[int, Tensor] = {}
+        for layer in range(ps.first_layer, ps.last_layer + 1):
+            a, b = ps.joining(layer)
+            if a == b:
+                continue
+            x = stack.clean_resid[layer][slots[a:b], ps.start : ps.stop]  # a copy
+            cf = [i for i in range(a, b) if ps.entries[i].first == "cf"]
+            if cf:
+                x[[i - a for i in cf], 0] = stack.cf_resid[layer][slots[cf], ps.start]
+            kept = [i for i in range(a, b) if ps.entries[i].first == "carried"]
+            if kept:
+                values = torch.stack([carried[ps.entries[i].patch] for i in kept])
+                x[[i - a for i in kept], 0] = values.to(x.dtype)
+            joins[layer] = x
+        return joins
+
+    def _writes(self, ps: Pass, plan: Plan, stack: Stack, slots: Tensor, layer: int) -> list:
+        """Hooks writing the counterfactual heads and MLP outputs of the entries joining at
+        `layer`, at the first position of their batch rows."""
+        a, b = ps.joining(layer)
+        offset = ps.members(layer)[0]  # batch row of entry i is i - offset
+        hooks = []
+        heads = [i for i in range(a, b) if ps.entries[i].write == "head"]
+        if heads:
+            rows = torch.tensor([i - offset for i in heads], device=self.device)
+            index = torch.tensor([plan.patches[ps.entries[i].patch].head for i in heads])
+            values = stack.cf_z[layer][slots[heads], ps.start, index.to(self.device)]
+            n_heads, d_head = self.arch.n_heads, self.arch.d_head
+
+            def write_heads(module, args):
+                z = args[0].clone()
+                z.view(*z.shape[:2], n_heads, d_head)[rows, 0, index] = values.to(z.dtype)
+                return (z, *args[1:])
+
+            hooks.append((self.arch.attn_out[layer], "pre_args", write_heads))
+        mlps = [i for i in range(a, b) if ps.entries[i].write == "mlp"]
+        if mlps:
+            mlp_rows = torch.tensor([i - offset for i in mlps], device=self.device)
+            mlp_values = stack.cf_mlp[layer][slots[mlps], ps.start]
+
+            def write_mlp(module, args, out):
+                out = _output(out).clone()
+                out[mlp_rows, 0] = mlp_values.to(out.dtype)
+                return out
+
+            hooks.append((self.arch.mlp[layer], "post", write_mlp))
+        return hooks
+
+    @torch.no_grad()
+    def run_pass(
+        self,
+        ps: Pass,
+        plan: Plan,
+        stack: Stack,
+        slot_of: dict[int, int],
+        carried: dict[int, Tensor],
+    ) -> tuple[Tensor, Tensor] | None:
+        """Run one pass.
+
+        Args:
+            ps: the pass.
+            plan: its plan (for the patches behind the entries).
+            stack: the runs of the pass's programs.
+            slot_of: program index -> slot in `stack`.
+            carried: patch -> its pre-pass output `[d_model]`; a pre-pass adds to it, a main
+                pass reads its entries' values (`run_plan` drops them once the pass is done).
+
+        Returns:
+            For a main pass, (logits of the stack's tokens `[rows, k]`, top-1 `[rows]`), rows in
+            entry order; for a pre-pass, None (outputs go to `carried`).
+        """
+        slots = torch.tensor([slot_of[plan.patches[e.patch].program] for e in ps.entries])
+        slots = slots.to(self.device)
+        joins = self._inputs(ps, stack, slots, carried)
+        pre = ps.read == "layer_out"
+
+        def enter(layer: int):
+            def hook(module, args, kwargs):
+                below = _hidden(args, kwargs)
+                if layer not in joins:  # a pre-pass layer no entry joins: carry one row
+                    return _with_hidden(args, kwargs, below[:1])
+                fresh = joins.pop(layer).to(below.dtype)
+                replace = pre or layer == ps.first_layer
+                return _with_hidden(args, kwargs, fresh if replace else torch.cat([below, fresh]))
+
+            return hook
+
+        def keep(layer: int, a: int, b: int):
+            def hook(module, args, out):
+                kept = _output(out)[:, 0].clone()
+                for i in range(a, b):
+                    carried[ps.entries[i].patch] = kept[i - a]
+                if layer == ps.last_layer:
+                    raise _Stop
+
+            return hook
+
+        hooks = []
+        for layer in range(ps.first_layer, ps.last_layer + 1):
+            a, b = ps.joining(layer)
+            if a < b or pre:
+                hooks.append((self.arch.layers[layer], "pre", enter(layer)))
+            if a < b:
+                hooks.extend(self._writes(ps, plan, stack, slots, layer))
+            if a < b and pre:
+                hooks.append((self.arch.layers[layer], "post", keep(layer, a, b)))
+        ids = stack.ids[slots[0], ps.start : ps.stop].unsqueeze(0)
+        cache = self._prefix_cache(ps, stack, slots)
+        kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
+        self.stats.forwards += 1
+        with _hooks(hooks + self._counting()):
+            try:
+                out = self.base(input_ids=ids, **kwargs)
+            except _Stop:
+                assert pre, "a main pass was stopped"
+                return None
+        assert not pre, f"pre-pass ran past its last layer {ps.last_layer}"
+        assert not joins, f"layers {sorted(joins)} never ran"
+        hidden = out.last_hidden_state[:, -1]
+        assert hidden.shape[0] == len(ps.entries), f"{hidden.shape[0]} rows != {len(ps.entries)}"
+        return self._read(hidden, stack.tokens[slots])
+
+
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error of torch (CUDA) or of the CPU allocator."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
+    )
+
+
+def run_plan(
+    engine: Engine,
+    plan: Plan,
+    stacks: dict[int, tuple[Stack, dict[int, int]]],
+    split_on_oom: bool = False,
+) -> tuple[Float[Tensor, "patch k"], Int[Tensor, " patch"]]:
+    """Every patch's logits of its program's tokens and its top-1 token.
+
+    Args:
+        engine: the engine.
+        plan: the plan.
+        stacks: program length -> (its stack, program index -> slot).
+        split_on_oom: a pass that runs out of memory is split in two and both halves run
+            (down to one row, which re-raises); otherwise the error propagates.
+
+    Returns:
+        Per patch, in `plan.patches` order. Free patches get their program's clean readout.
+    """
+    k = next(iter(stacks.values()))[0].tokens.shape[1]
+    device = engine.device
+    logits = torch.empty(len(plan.patches), k, device=device)
+    top = torch.empty(len(plan.patches), dtype=torch.long, device=device)
+    for n_tokens, (stack, slot_of) in stacks.items():
+        free = [
+            (i, slot_of[p.program])
+            for i, p in enumerate(plan.patches)
+            if p.free is not None and plan.programs[p.program].n_tokens == n_tokens
+        ]
+        if free:
+            index, slots = (torch.tensor(x, device=device) for x in zip(*free, strict=True))
+            logits[index], top[index] = stack.clean_logits[slots], stack.clean_top[slots]
+    carried: dict[int, Tensor] = {}
+    todo = collections.deque(plan.passes)
+    while todo:
+        ps = todo.popleft()
+        stack, slot_of = stacks[ps.n_tokens]
+        try:
+            result = engine.run_pass(ps, plan, stack, slot_of, carried)
+        except Exception as err:
+            if not (split_on_oom and is_oom(err) and len(ps.entries) > 1):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            engine.stats.oom_splits += 1
+            todo.extendleft(reversed(ps.split()))
+            continue
+        if result is not None:
+            index = torch.tensor([e.patch for e in ps.entries], device=device)
+            logits[index], top[index] = result
+            for e in ps.entries:
+                carried.pop(e.patch, None)
+    assert not carried, f"{len(carried)} pre-pass outputs never used"
+    return logits, top

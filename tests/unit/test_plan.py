@@ -1,0 +1,195 @@
+"""The patching plan on its own: no model, no tensors. What it must do is written out here from
+the definitions (which patches are free, where each row enters, what each pass costs), not taken
+from `actors.plan`, so that removing or shifting a shortcut changes a number these tests check."""
+
+import collections
+
+import pytest
+
+from actors.plan import Dims, Pass, ProgramShape, build_plan, flops, pass_flops
+
+N_LAYERS, N_HEADS = 4, 3
+UNLIMITED = lambda width, context: 10**9  # noqa: E731
+
+
+def shape(n_tokens=12, diff=(5,), positions=None) -> ProgramShape:
+    return ProgramShape(n_tokens, tuple(diff), tuple(positions or range(n_tokens)))
+
+
+def plan_of(programs, sites, layers=range(N_LAYERS), limit=UNLIMITED):
+    return build_plan(programs, sites, list(layers), N_LAYERS, N_HEADS, limit)
+
+
+def test_every_patch_is_free_or_in_exactly_one_main_pass() -> None:
+    programs = [shape(), shape(diff=(3, 4)), shape(n_tokens=9, diff=(2,))]
+    plan = plan_of(programs, ["resid_pre", "attn_head", "mlp_out"], limit=lambda w, c: 5)
+    main = collections.Counter(
+        e.patch for p in plan.passes if p.read == "logits" for e in p.entries
+    )
+    pre = collections.Counter(
+        e.patch for p in plan.passes if p.read == "layer_out" for e in p.entries
+    )
+    for i, patch in enumerate(plan.patches):
+        if patch.free is not None:
+            assert main[i] == pre[i] == 0, patch
+        else:
+            assert main[i] == 1, patch
+    carried = {e.patch for p in plan.passes for e in p.entries if e.first == "carried"}
+    assert carried == set(pre) and all(n == 1 for n in pre.values())
+    # Output order: program, site, layer, position, head.
+    keys = [
+        (p.program, ["resid_pre", "attn_head", "mlp_out"].index(p.site), p.layer, p.pos, p.head)
+        for p in plan.patches
+    ]
+    assert keys == sorted(keys, key=lambda k: (*k[:4], -1 if k[4] is None else k[4]))
+
+
+def test_free_patches_follow_the_three_rules() -> None:
+    prog = shape(n_tokens=10, diff=(4, 6))
+    plan = plan_of([prog], ["resid_pre", "attn_head", "mlp_out"])
+    for p in plan.patches:
+        if p.pos < 4:
+            want = "before_diff"
+        elif p.site == "resid_pre" and p.layer == 0 and p.pos not in (4, 6):
+            want = "same_token"
+        elif p.site != "resid_pre" and p.layer == N_LAYERS - 1 and p.pos < 9:
+            want = "unread"
+        else:
+            want = None
+        assert p.free == want, p
+
+
+def test_entries_join_at_their_layer_and_head_rows_one_layer_later() -> None:
+    plan = plan_of([shape(n_tokens=8, diff=(2,))], ["resid_pre", "attn_head", "mlp_out"])
+    for ps in plan.passes:
+        for e in ps.entries:
+            patch = plan.patches[e.patch]
+            assert ps.start == patch.pos
+            if ps.read == "layer_out":
+                # Pre-pass: one position, the patch's own layer, the clean stream, a write.
+                assert (ps.stop, e.layer, e.first) == (patch.pos + 1, patch.layer, "clean")
+                assert e.write == {"attn_head": "head", "mlp_out": "mlp"}[patch.site]
+                assert ps.last_layer == max(x.layer for x in ps.entries)
+                continue
+            assert ps.stop == 8 and ps.last_layer == N_LAYERS - 1
+            if patch.site == "resid_pre":
+                assert (e.layer, e.first, e.write) == (patch.layer, "cf", "none")
+            elif patch.pos == 7:  # last position: no pre-pass, the write happens in the pass
+                assert (e.layer, e.first) == (patch.layer, "clean") and e.write != "none"
+            else:
+                assert (e.layer, e.first, e.write) == (patch.layer + 1, "carried", "none")
+    # Pre-passes run before the main passes of their position.
+    order = [(ps.start, ps.read) for ps in plan.passes]
+    for pos in {s for s, _ in order}:
+        reads = [r for s, r in order if s == pos]
+        assert reads == sorted(reads, key=lambda r: r == "logits"), (pos, reads)
+
+
+def test_token_layers_match_the_closed_form() -> None:
+    """Suffix only, rows joining at their layer, one-position pre-passes: the count written out.
+    Feeding whole prompts, joining at layer 0, or skipping the pre-passes each changes it."""
+    n_tokens, d = 12, 5
+    resid = plan_of([shape(n_tokens, (d,))], ["resid_pre"])
+    want = 0
+    for p in range(d, n_tokens):
+        layers = [x for x in range(N_LAYERS) if x > 0 or p == d]
+        width = n_tokens - p
+        # Each row runs its layer to the last; below the first row's layer runs one carrier row.
+        want += width * (sum(N_LAYERS - x for x in layers) + min(layers))
+    assert resid.cost().token_layers == want
+
+    heads = plan_of([shape(n_tokens, (d,))], ["attn_head"])
+    want = 0
+    for p in range(d, n_tokens - 1):
+        # Pre-pass: each layer < last computes its own heads at one position.
+        want += (N_LAYERS - 1) * N_HEADS
+        # Main pass: rows join one layer above their head, carrier at layer 0.
+        width = n_tokens - p
+        want += width * (sum(N_HEADS * (N_LAYERS - (x + 1)) for x in range(N_LAYERS - 1)) + 1)
+    # Last position: every layer's heads, written inside the pass, one position.
+    want += sum(N_HEADS * (N_LAYERS - x) for x in range(N_LAYERS))
+    assert heads.cost().token_layers == want
+    assert heads.cost().free == (d * N_LAYERS + (n_tokens - 1 - d)) * N_HEADS
+    assert resid.cost().runs == 2 * N_LAYERS * n_tokens
+
+
+def test_programs_of_one_length_share_passes_and_others_do_not() -> None:
+    one = plan_of([shape()], ["resid_pre"])
+    two = plan_of([shape(), shape(diff=(5, 7))], ["resid_pre"])
+    other = plan_of([shape(), shape(n_tokens=11)], ["resid_pre"])
+    assert len(two.passes) == len(one.passes)
+    assert any(len({two.patches[e.patch].program for e in p.entries}) == 2 for p in two.passes)
+    assert len(other.passes) > len(one.passes)
+    for ps in other.passes:
+        assert {other.programs[other.patches[e.patch].program].n_tokens for e in ps.entries} == {
+            ps.n_tokens
+        }
+
+
+def test_row_limit_bounds_every_batch() -> None:
+    seen = []
+
+    def limit(width, context):
+        seen.append((width, context))
+        return 4
+
+    plan = plan_of([shape(), shape(diff=(6,))], ["resid_pre", "attn_head", "mlp_out"], limit=limit)
+    for ps in plan.passes:
+        for layer in range(ps.last_layer + 1):
+            assert ps.batch(layer) <= 4, (ps, layer)
+        if ps.read == "logits":
+            assert len(ps.entries) <= 4
+    assert (1, 6) in seen and (12 - 5, 12) in seen  # (positions fed, positions attended)
+
+
+def test_pre_pass_rows_leave_after_their_layer() -> None:
+    plan = plan_of([shape()], ["attn_head"])
+    pre = next(p for p in plan.passes if p.read == "layer_out")
+    assert [pre.batch(x) for x in range(pre.last_layer + 1)] == [N_HEADS] * (N_LAYERS - 1)
+    main = next(p for p in plan.passes if p.read == "logits" and p.width > 1)
+    assert [main.batch(x) for x in range(N_LAYERS)] == [1, N_HEADS, 2 * N_HEADS, 3 * N_HEADS]
+
+
+def test_split_halves_a_pass() -> None:
+    plan = plan_of([shape()], ["attn_head"])
+    for ps in plan.passes[:2]:
+        a, b = ps.split()
+        assert a.entries + b.entries == ps.entries
+        assert a.token_layers() + b.token_layers() >= ps.token_layers()
+        if ps.read == "layer_out":
+            assert a.last_layer == a.entries[-1].layer
+
+
+def test_reads_are_what_the_passes_use() -> None:
+    plan = plan_of([shape()], ["resid_pre", "mlp_out"], layers=[1, 3])
+    reads = plan.reads
+    assert reads.cf_resid == (1, 3)
+    assert reads.cf_mlp == (1, 3)  # layer 3 at the last position only
+    assert reads.cf_z == ()
+    assert reads.clean_resid == (1, 2, 3)  # mlp rows at layer 1 join at 2
+
+
+def test_flops_of_a_pass_by_hand() -> None:
+    dims = Dims(n_layers=2, linear_params=100, attn_width=8, d_model=4, vocab=10)
+    plan = build_plan([shape(n_tokens=3, diff=(1,))], ["resid_pre"], [1], 2, 1, UNLIMITED)
+    ps = next(p for p in plan.passes if p.start == 1)
+    # Layer 0: the carrier row, layer 1: one row; positions 1, 2 attend to 2 and 3 keys.
+    per_layer = 2 * 100 * 1 * 2 + 4 * 8 * 1 * (2 + 3)
+    assert pass_flops(ps, dims) == 2 * per_layer + 2 * 4 * 10 * 1
+    assert flops(plan, dims)["passes"] == sum(pass_flops(p, dims) for p in plan.passes)
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"unknown site\(s\) \['resid_post'\]"):
+        plan_of([shape()], ["resid_post"])
+    with pytest.raises(ValueError, match=r"layers \[4\] out of range: the model has 0..3"):
+        plan_of([shape()], ["resid_pre"], layers=[4])
+    with pytest.raises(AssertionError, match="diff"):
+        shape(diff=())
+    with pytest.raises(AssertionError, match="not sorted"):
+        Pass(5, 0, 5, 3, "logits", (*plan_of([shape()], ["resid_pre"]).passes[-1].entries[::-1],))
+
+
+def test_describe_names_the_counts() -> None:
+    text = plan_of([shape()], ["attn_head"]).describe()
+    assert "patches over 1 programs" in text and "pre-passes" in text
