@@ -263,9 +263,10 @@ class Driver:
         """
         lost = False
         try:
-            self._start_models()
-            self._submit()
-            self._report()
+            if self.stop_reason is None:  # a signal may have come before the loop
+                self._start_models()
+                self._submit()
+                self._report()
             while (self.ref_shard or self.pending) and self.stop_reason is None:
                 if not self.ref_shard:
                     self._start_models()

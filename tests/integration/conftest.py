@@ -76,13 +76,13 @@ def port_open(address: str) -> bool:
 class RayCluster:
     """A `ray start --head --block` process this test module owns."""
 
-    def __init__(self, log: Path, num_cpus: int = 2) -> None:
+    def __init__(self, log: Path, num_cpus: int = 2, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
         cmd = [str(RAY), "start", "--head", "--block", f"--port={self.port}"]
         cmd += [f"--num-cpus={num_cpus}"]
-        cmd += ["--include-dashboard=false", "--disable-usage-stats"]
+        cmd += ["--include-dashboard=false", "--disable-usage-stats", *extra]
         with log.open("w") as out:
             # Its own session: its children share its process group, which teardown may kill.
             self.proc = subprocess.Popen(

@@ -58,6 +58,13 @@ def test_two_nodes_then_one_leaves_mid_sweep(tmp_path, tiny_model) -> None:
         cluster.shutdown()
 
 
+def test_a_failed_ray_start_shows_its_output(tmp_path) -> None:
+    with pytest.raises(pytest.fail.Exception) as err:
+        RayCluster(tmp_path / "ray-start.log", extra=("--no-such-flag",))
+    assert "did not start a cluster" in str(err.value)
+    assert "Error: No such option '--no-such-flag'" in str(err.value), "Ray's own words shown"
+
+
 def test_lost_cluster_ends_with_the_summary_not_a_hang(tmp_path, tiny_model) -> None:
     cluster = RayCluster(tmp_path / "ray-start.log")
     try:

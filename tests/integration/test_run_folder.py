@@ -134,8 +134,11 @@ def test_second_driver_is_refused_while_the_first_finishes(
     assert wait_for(lambda: lock_pid(results) == first.pid and (results / "spec.yaml").exists())
     spec_before = (results / "spec.yaml").read_text()
     second = run_cli(spec, "--address", ray_address)
+    status = run_status(results)
     assert first.poll() is None, "the first driver was still running"
     go.touch()
+    assert status.returncode == 3, status.stdout + status.stderr
+    assert f"driver: pid {first.pid} on {socket.gethostname()} since" in status.stdout
     assert second.returncode == 2, second.stdout + second.stderr
     holder = f"pid {first.pid} on host {socket.gethostname()}"
     assert holder in second.stderr and f"kill -INT {first.pid}" in second.stderr
