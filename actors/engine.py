@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from actors.arch import ArchMap
 from actors.plan import Pass, Plan, Reads
@@ -73,6 +74,29 @@ class Stack:
     cf_logits: Float[Tensor, "prog k"]
     clean_top: Int[Tensor, " prog"]
     cf_top: Int[Tensor, " prog"]
+
+
+class _PrefixLayer(DynamicLayer):
+    """One layer's cache for a pass: the clean run's keys and values of positions `0..stop-1`
+    (one copy, gathered per row), of which `0..start-1` are the prefix; the pass's forward
+    overwrites positions `start..` in place. A `DynamicLayer` would concatenate instead,
+    copying the prefix again in every layer of every pass."""
+
+    def __init__(self, keys: Tensor, values: Tensor, filled: int) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values, self.filled = keys, values, filled
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        end = self.filled + key_states.shape[-2]
+        assert end <= self.keys.shape[-2], f"{end} positions > room {self.keys.shape[-2]}"
+        self.keys[:, :, self.filled : end] = key_states
+        self.values[:, :, self.filled : end] = value_states
+        self.filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.filled
 
 
 class _Stop(Exception):
@@ -205,23 +229,18 @@ class Engine:
         return self.readout(hidden, tokens.to(hidden.device))
 
     # -- one pass ---------------------------------------------------------------------------
-    def _prefix_cache(self, ps: Pass, stack: Stack, slots: Tensor) -> DynamicCache | None:
-        """The clean keys/values of positions < start, for each layer's batch of rows."""
+    def _prefix_cache(self, ps: Pass, stack: Stack, slots: Tensor) -> Cache | None:
+        """Each layer's clean keys/values for its batch of rows, positions < start filled."""
         if ps.start == 0:
             return None
-        cache = DynamicCache()
+        layers = []
         for layer in range(self.arch.n_layers):
             a, b = ps.members(layer) if layer <= ps.last_layer else (0, 0)
             rows = slots[a:b] if b > a else slots[:1]
-            k = stack.keys[layer][:, :, : ps.start]
-            v = stack.values[layer][:, :, : ps.start]
-            if bool((rows == rows[0]).all()):
-                # One program: a broadcast view, which the cache copies once.
-                k, v = (x[rows[0]].expand(len(rows), -1, -1, -1) for x in (k, v))
-            else:
-                k, v = k[rows], v[rows]
-            cache.update(k, v, layer)
-        return cache
+            keys = stack.keys[layer][:, :, : ps.stop].index_select(0, rows)
+            values = stack.values[layer][:, :, : ps.stop].index_select(0, rows)
+            layers.append(_PrefixLayer(keys, values, ps.start))
+        return Cache(layers=layers)
 
     def _inputs(
         self, ps: Pass, stack: Stack, slots: Tensor, carried: dict[int, Tensor]
