@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build, describe, pairs, programs  # noqa: E402
+from common import build, describe, pairs, programs
 
-from actors import Patcher  # noqa: E402
+from actors import Patcher
 
 WORK = {
     "binding-tiny": {"programs": 20, "head_layers": None, "cells": None, "repeats": 3},
