@@ -120,23 +120,24 @@ def three_traces(lm, pair, patch) -> torch.Tensor:
 
 
 def run_engine(lm, progs, head_layers):
-    """(c): every patch of the work; returns [(patch, pair, logits)], seconds, FLOPs, MiB."""
+    """(c): every patch of the work, per site: [(patch, pair, logits)], {site: (seconds,
+    patches, FLOPs)}, peak MiB, the patcher."""
     patcher = Patcher(lm, batch_size="auto")
     work = [("resid_pre", None), ("attn_head", head_layers)]
     list(patcher.run(progs[:1], ["resid_pre"], [0], "targets"))  # warm-up, readout check
-    rows, total_flops = [], 0
+    rows, per_site = [], {}
     dims = dims_of(lm)
     with PeakMemory(lm.device) as peak:
-        sync(lm.device)
-        start = time.perf_counter()
         for site, layers in work:
+            sync(lm.device)
+            start, n, site_flops = time.perf_counter(), len(rows), 0
             for wave in patcher.run(progs, [site], layers, "all"):
-                total_flops += sum(flops(wave.plan, dims).values())
+                site_flops += sum(flops(wave.plan, dims).values())
                 for i, patch in enumerate(wave.plan.patches):
                     rows.append((patch, wave.pairs[patch.program][1], wave.logits[i]))
-        sync(lm.device)
-        seconds = time.perf_counter() - start
-    return rows, seconds, total_flops, peak.mib, patcher
+            sync(lm.device)
+            per_site[site] = (time.perf_counter() - start, len(rows) - n, site_flops)
+    return rows, per_site, peak.mib, patcher
 
 
 def bench_shape(shape, args) -> dict:
@@ -150,8 +151,10 @@ def bench_shape(shape, args) -> dict:
     progs = programs(args.programs, start=3)
     print(f"== {describe(lm)}")
     rate = matmul_flops(next(lm.model.parameters()).dtype, lm.device)
-    rows, t_engine, engine_flops, peak_mib, patcher = run_engine(lm, progs, head_layers)
-    t_engine /= len(rows)
+    rows, per_site, peak_mib, patcher = run_engine(lm, progs, head_layers)
+    seconds = sum(t for t, _, _ in per_site.values())
+    engine_flops = sum(f for _, _, f in per_site.values())
+    t_engine = seconds / len(rows)
     computed = [r for r in rows if r[0].free is None]
     step = max(1, len(computed) // args.sample)
     sample = computed[::step][: args.sample]
@@ -176,7 +179,7 @@ def bench_shape(shape, args) -> dict:
         three_traces(lm, pair, patch)
     sync(lm.device)
     t_seed = (time.perf_counter() - start) / len(seed_sample)
-    fraction = engine_flops / (t_engine * len(rows)) / rate
+    fraction = engine_flops / seconds / rate
     print(f"patches: {len(rows)} ({len(rows) - len(computed)} free: equal to the clean run)")
     for label, t, n_timed in (
         ("(a) reference system, 3 traces/patch", t_seed, len(seed_sample)),
@@ -184,10 +187,20 @@ def bench_shape(shape, args) -> dict:
         ("(c) this engine", t_engine, len(rows)),
     ):
         print(f"{label:38} {1 / t:10.1f} patches/s  ({n_timed} timed)")
+    for site, (t, n_rows, f) in per_site.items():
+        print(
+            f"    {site}: {n_rows / t:,.1f} patches/s, {f / t / 1e9:,.1f} GFLOP/s = "
+            f"{f / t / rate:.2f} of the matmul rate"
+        )
     print(
         f"matmul {rate / 1e9:.1f} GFLOP/s; engine {engine_flops / 1e9:.1f} GFLOP in "
-        f"{t_engine * len(rows):.1f} s = {fraction:.2f} of it; peak {peak_mib:.0f} MiB above the "
+        f"{seconds:.1f} s = {fraction:.2f} of it; peak {peak_mib:.0f} MiB above the "
         f"model; max |logit (c) - (b)| = {diff:.2e}"
+    )
+    t_resid = per_site["resid_pre"][0] / len(progs)
+    print(
+        f"projected: resid_pre over every layer and position of 1,000 such programs "
+        f"{1000 * t_resid / 60:.1f} min on this device ({t_resid:.2f} s per program)"
     )
     print(patcher.last_plan.describe())
     return {
