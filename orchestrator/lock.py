@@ -31,6 +31,10 @@ from typing import Any
 LOCK_NAME = ".lock"
 
 
+class LockError(OSError):
+    """The lock file cannot be created or opened (permissions, a read-only file system)."""
+
+
 class LockHeld(RuntimeError):
     """Another live driver holds the run folder.
 
@@ -90,12 +94,18 @@ class RunLock:
 
         Raises:
             LockHeld: a live process holds it.
-            OSError: the folder cannot be created or the file opened.
+            LockError: the folder cannot be created or the file opened.
         """
         if self._fd is not None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise LockError(
+                f"{self.path}: cannot open the run folder's lock ({err.strerror or err}); fix: "
+                "make the folder writable, or write the results elsewhere (--output)"
+            ) from err
         for attempt in range(attempts):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,7 +25,7 @@ from typing import Any
 
 from orchestrator.checks import check_backends, check_models, check_resources
 from orchestrator.identity import diff, extension_problems, identity, spec_hash
-from orchestrator.lock import LockHeld, RunLock
+from orchestrator.lock import LockError, LockHeld, RunLock
 from orchestrator.plan import Plan, make_plan
 from orchestrator.sink import ResultsDir, SinkError, git_commit, now, versions
 from orchestrator.spec import Spec, SpecError, load_spec
@@ -151,6 +151,9 @@ class Sweep:
         except LockHeld as err:
             print(err, file=sys.stderr)
             return EXIT_REFUSED
+        except LockError as err:
+            print(err, file=sys.stderr)
+            return EXIT_FAILED
         finally:
             lock.release()
 
