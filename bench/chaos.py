@@ -85,12 +85,14 @@ def driver(spec: Path, output: Path, address: str, log: Path) -> subprocess.Pope
     )
 
 
-def our_actors(ray, run: str) -> list[str]:
-    """Names of the live actors of this sweep's drivers."""
+def our_actors(ray, run: str, pid: int) -> list[str]:
+    """Names of the live actors of the driver `pid` (named `<run>/<model>/<pid>/<k>`)."""
     return [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["namespace"] == "varbind" and a["name"].startswith(f"{run}/")
+        if a["namespace"] == "varbind"
+        and a["name"].startswith(f"{run}/")
+        and a["name"].split("/")[-2] == str(pid)
     ]
 
 
@@ -98,7 +100,7 @@ def wait_for_actors(ray, run: str, proc: subprocess.Popen, timeout: float = 120)
     """Wait until the driver has an actor; False if the driver ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if our_actors(ray, run):
+        if our_actors(ray, run, proc.pid):
             return True
         time.sleep(0.5)
     return False
@@ -121,11 +123,24 @@ def rows(results: Path) -> tuple[dict, collections.Counter]:
     return keyed, seen
 
 
+def float_gap(a: dict, b: dict) -> float:
+    """The largest difference of a float column between two rows (0.0 when none differ)."""
+    gaps = [
+        abs(v - b[c])
+        for c, v in a.items()
+        if isinstance(v, float)
+        and isinstance(b.get(c), float)
+        and not (math.isnan(v) or math.isnan(b[c]))
+    ]
+    return max(gaps, default=0.0)
+
+
 def same(a: dict, b: dict) -> bool:
     for col, value in a.items():
         other = b.get(col)
         if isinstance(value, float) and isinstance(other, float):
-            if not (math.isclose(value, other, abs_tol=ABS_TOL) or value == other):
+            both_nan = math.isnan(value) and math.isnan(other)
+            if not (both_nan or math.isclose(value, other, abs_tol=ABS_TOL)):
                 return False
         elif value != other:
             return False
@@ -179,7 +194,7 @@ def main() -> int:
                     proc = driver(args.spec, work / "chaos", address, log)
                 continue
             time.sleep(rng.uniform(args.min_gap, args.max_gap))
-            actors = our_actors(ray, run)
+            actors = our_actors(ray, run, proc.pid)
             if proc.poll() is not None:
                 continue
             if actors and rng.random() < 0.5:
@@ -218,12 +233,14 @@ def main() -> int:
     got, seen = rows(work / "chaos" / run)
     missing = len(set(want) ^ set(got))
     duplicated = sum(n - 1 for n in seen.values() if n > 1)
-    differing = sum(1 for k in set(want) & set(got) if not same(want[k], got[k]))
+    both = set(want) & set(got)
+    differing = sum(1 for k in both if not same(want[k], got[k]))
+    gap = max((float_gap(want[k], got[k]) for k in both), default=0.0)
     counts = collections.Counter(k[0] for k in want)
     by_kind = ", ".join(f"{k} {n:,}" for k, n in counts.items())
     print(
-        f"compared {len(want):,} rows by key ({by_kind}); floats within {ABS_TOL:g}; "
-        f"total {time.time() - t_start:.0f} s"
+        f"compared {len(want):,} rows by key ({by_kind}); floats within {ABS_TOL:g} "
+        f"(largest difference seen: {gap:.3g}); total {time.time() - t_start:.0f} s"
     )
     n = sum(kills.values())
     print(f"kills={n} missing={missing} duplicated={duplicated} differing={differing}")
