@@ -23,6 +23,7 @@ Two kinds of forward:
 import collections
 import dataclasses
 import inspect
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,6 +100,24 @@ class _PrefixLayer(DynamicLayer):
         return self.filled
 
 
+def _gather_prefix(
+    kv: Float[Tensor, "prog kv_head pos d_head"], rows: Int[Tensor, " row"], start: int, stop: int
+) -> Float[Tensor, "row kv_head width d_head"]:
+    """Room for positions `0..stop-1` per row, with the clean keys (or values) of the row's
+    program copied into `0..start-1`; the pass fills the rest (no copy for positions it
+    writes)."""
+    out = kv.new_empty(len(rows), kv.shape[1], stop, kv.shape[3])
+    if start:
+        # Rows come in runs of one program (a pass lists each layer's entries program by
+        # program): one broadcast slice copy per run.
+        i = 0
+        for g, run in itertools.groupby(rows.tolist()):
+            n = len(list(run))
+            out[i : i + n, :, :start] = kv[g, :, :start]
+            i += n
+    return out
+
+
 class _Stop(Exception):
     """Ends a pre-pass once its last layer has run: the layers above would compute nothing read.
     (nnsight stops a trace early the same way.)"""
@@ -112,6 +131,11 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def _last_position(module: torch.nn.Module, args: tuple) -> tuple:
+    assert args, f"{type(module).__name__} takes its input by keyword; cannot slice it"
+    return (args[0][:, -1:], *args[1:])
 
 
 def _output(out: Any) -> Tensor:
@@ -237,14 +261,8 @@ class Engine:
         for layer in range(self.arch.n_layers):
             a, b = ps.members(layer) if layer <= ps.last_layer else (0, 0)
             rows = slots[a:b] if b > a else slots[:1]
-            kv = (stack.keys[layer][:, :, : ps.stop], stack.values[layer][:, :, : ps.stop])
-            # A copy always (the pass writes into it); one program's rows: a broadcast copy,
-            # several times faster than a gather on a CPU.
-            if bool((rows == rows[0]).all()):
-                many = (x[rows[0]].expand(len(rows), -1, -1, -1) for x in kv)
-                keys, values = (x.clone(memory_format=torch.contiguous_format) for x in many)
-            else:
-                keys, values = (x[rows] for x in kv)
+            keys = _gather_prefix(stack.keys[layer], rows, ps.start, ps.stop)
+            values = _gather_prefix(stack.values[layer], rows, ps.start, ps.stop)
             layers.append(_PrefixLayer(keys, values, ps.start))
         return Cache(layers=layers)
 
@@ -358,6 +376,13 @@ class Engine:
                 hooks.extend(self._writes(ps, plan, stack, slots, layer))
             if a < b and pre:
                 hooks.append((self.arch.layers[layer], "post", keep(layer, a, b)))
+        if not pre and ps.width > 1:
+            # Only the last position of the last layer's output is read: its attention output
+            # projection and MLP run on that position alone. The residual sums broadcast, and
+            # the positions before it then hold values that nothing reads.
+            last = self.arch.n_layers - 1
+            hooks.append((self.arch.attn_out[last], "pre_args", _last_position))
+            hooks.append((self.arch.mlp[last], "pre_args", _last_position))
         ids = stack.ids[slots[0], ps.start : ps.stop].unsqueeze(0)
         cache = self._prefix_cache(ps, stack, slots)
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}

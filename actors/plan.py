@@ -28,6 +28,7 @@ clean and counterfactual runs must keep (`Plan.reads`), and what the passes cost
 """
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -136,10 +137,19 @@ class Pass:
     def first_layer(self) -> int:
         return self.entries[0].layer
 
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        """`_starts[l]`: the number of entries with layer < l, for l in 0..last_layer + 1."""
+        starts, i = [], 0
+        for layer in range(self.last_layer + 2):
+            while i < len(self.entries) and self.entries[i].layer < layer:
+                i += 1
+            starts.append(i)
+        return starts
+
     def joining(self, layer: int) -> tuple[int, int]:
         """The slice `[a, b)` of `entries` that joins at `layer`."""
-        a = sum(e.layer < layer for e in self.entries)
-        return a, a + sum(e.layer == layer for e in self.entries)
+        return self._starts[layer], self._starts[layer + 1]
 
     def members(self, layer: int) -> tuple[int, int]:
         """The slice of `entries` in the batch at `layer`, in batch order; empty: the carrier."""
@@ -375,12 +385,15 @@ class Dims:
     Attributes:
         linear_params: weights of one decoder layer's matrix multiplies (attention and MLP
             projections), so one token through one layer costs `2 * linear_params` FLOPs.
+        late_params: the part of `linear_params` after attention (output projection and MLP):
+            in a main pass's last layer it runs on the last position alone.
         attn_width: n_heads * d_head (query-key and attention-value products per key).
         d_model / vocab: the readout's matrix.
     """
 
     n_layers: int
     linear_params: int
+    late_params: int
     attn_width: int
     d_model: int
     vocab: int
@@ -398,6 +411,9 @@ def pass_flops(ps: Pass, dims: Dims) -> int:
     for layer in range(ps.last_layer + 1):
         rows = ps.batch(layer)
         total += 2 * dims.linear_params * rows * ps.width + 4 * dims.attn_width * rows * keys
+    if ps.read == "logits" and ps.width > 1:
+        # The last layer's output projection and MLP run on the last position alone.
+        total -= 2 * dims.late_params * ps.batch(ps.last_layer) * (ps.width - 1)
     if ps.read == "logits":
         total += 2 * dims.d_model * dims.vocab * len(ps.entries)
     return total

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -54,7 +54,10 @@ def build(shape: str, dtype: str = "float32", device: str = "cpu", layers: int |
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.eval()
-    tokenizer = build_char_tokenizer()
+    # Saved and loaded back, as a hub tokenizer would be (TransformerLens reloads it by path).
+    folder = tempfile.mkdtemp(prefix="bench-tokenizer-")
+    build_char_tokenizer().save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     return LoadedModel(
         name=f"{shape} (random weights)",
         model=model,

@@ -37,9 +37,11 @@ from actors.plan import Dims, flops
 def dims_of(lm) -> Dims:
     layer = lm.arch.layers[0]
     linear = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+    late = (lm.arch.attn_out[0], lm.arch.mlp[0])
     return Dims(
         n_layers=lm.arch.n_layers,
         linear_params=linear,
+        late_params=sum(p.numel() for m in late for p in m.parameters() if p.dim() == 2),
         attn_width=lm.arch.n_heads * lm.arch.d_head,
         d_model=lm.arch.d_model,
         vocab=lm.model.config.get_text_config().vocab_size,

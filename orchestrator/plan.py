@@ -1,9 +1,9 @@
-"""The plan printed before a sweep: models, programs, shards by kind, and estimates of the
-patch rows and patched forward passes (from a sample of programs tokenized by each model's own
-tokenizer, so positions are counted as the actors will count them)."""
+"""The plan printed before a sweep: models, programs, shards by kind, and the patching work as
+the engine will plan it (`actors.plan`): patch rows, the share that needs no forward, and the
+token-layers the passes compute. Counted on a sample of programs tokenized by each model's own
+tokenizer, scaled to the task's `n`; configs and tokenizers only, no weights."""
 
 import dataclasses
-import math
 from typing import Any
 
 from orchestrator.shards import count_shards, layer_blocks
@@ -20,7 +20,8 @@ class Plan:
     programs: int
     shards: dict[str, int]
     patch_rows: int
-    forward_passes: int
+    free_rows: int
+    token_layers: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -33,42 +34,47 @@ def _heads(config: Any) -> int:
 def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
     """Count and estimate the work of a spec (tokenizers and configs only, no weights)."""
     programs = sum(len(t.seq_lens) * t.n for t in spec.tasks)
-    rows = forwards = 0
+    rows = free = token_layers = 0
     patching = spec.experiments.patching
     if patching is not None:
         from transformers import AutoConfig, AutoTokenizer
 
+        from actors.plan import ProgramShape, build_plan
         from actors.targets import Skip, encode_program
 
+        unlimited = lambda width, context: 1 << 62  # noqa: E731  (batching does not change the work)
         for model in spec.models:
             tokenizer = AutoTokenizer.from_pretrained(model.id)
             heads = _heads(AutoConfig.from_pretrained(model.id))
-            layers = sum(len(b) for b in layer_blocks(n_layers[model.id], patching.layers, 1))
-            per_pos = layers * sum(heads if s == "attn_head" else 1 for s in patching.sites)
+            n = n_layers[model.id]
+            blocks = layer_blocks(n, patching.layers, patching.layers_per_shard)
             for task in spec.tasks_for("patching"):
                 for seq_len in task.seq_lens:
-                    sample = list(
-                        iter_programs(
-                            task.family, spec.seed, seq_len, min(SAMPLE, task.n), **task.options
-                        )
+                    sample = iter_programs(
+                        task.family, spec.seed, seq_len, min(SAMPLE, task.n), **task.options
                     )
-                    n_rows = n_fwd = 0
-                    for p in sample:
-                        pair = encode_program(tokenizer, p)
-                        if isinstance(pair, Skip):
-                            continue
-                        positions = pair.positions(patching.positions)
-                        n_rows += len(positions) * per_pos
-                        changed = [x for x in positions if x >= pair.first_diff]
-                        n_fwd += 1 + len(changed) * math.ceil(per_pos / patching.batch_size)
-                    scale = task.n / max(1, len(sample))
-                    rows += round(n_rows * scale)
-                    forwards += round(n_fwd * scale)
+                    pairs = [encode_program(tokenizer, p) for p in sample]
+                    shapes = [
+                        ProgramShape(
+                            len(p.clean_ids), tuple(p.diff), tuple(p.positions(patching.positions))
+                        )
+                        for p in pairs
+                        if not isinstance(p, Skip)
+                    ]
+                    # Scaled by the sample's size: programs the model skips count as none.
+                    scale = task.n / max(1, len(pairs))
+                    for site in patching.sites:
+                        for block in blocks:
+                            cost = build_plan(shapes, [site], block, n, heads, unlimited).cost()
+                            rows += round(cost.patches * scale)
+                            free += round(cost.free * scale)
+                            token_layers += round((cost.token_layers + cost.runs) * scale)
     return Plan(
         run=spec.run,
         models=[m.id for m in spec.models],
         programs=programs,
         shards=count_shards(spec, n_layers),
         patch_rows=rows,
-        forward_passes=forwards,
+        free_rows=free,
+        token_layers=token_layers,
     )

@@ -106,8 +106,9 @@ class PatchingSpec(_Strict):
     layers: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
     layers_per_shard: PositiveInt = 4
     positions: Literal["all", "targets"] = "targets"
-    # Patches per forward pass; `auto`: chunks sized from a memory budget by the engine.
-    batch_size: PositiveInt | Auto = 256
+    # Rows per forward pass at most; `auto`: sized from the device's memory by the engine
+    # (actors/budget.py), which also splits a pass that runs out of memory.
+    batch_size: PositiveInt | Auto = "auto"
     programs_per_shard: PositiveInt = 20
     tasks: list[str] | None = None
 

@@ -42,8 +42,12 @@ def print_plan(plan: Plan, out_dir: Path) -> None:
         if n:
             print(f"  {kind} shards: {n}")
     if plan.shards.get("patching"):
+        share = plan.free_rows / max(1, plan.patch_rows)
         print(f"  patch rows: ~{plan.patch_rows:,} (estimated from a sample of programs)")
-        print(f"  patched forward passes: ~{plan.forward_passes:,} (estimated)")
+        print(
+            f"  engine work: ~{plan.token_layers:,} token-layers; {share:.0%} of the patches "
+            "need no forward"
+        )
 
 
 def folder_refusal(

@@ -103,6 +103,30 @@ def test_engine_computes_exactly_what_the_plan_says(tiny_models) -> None:
     assert patcher.engine.stats.readout_rows == main_rows + 2 * len(programs)
 
 
+def test_last_layer_projection_and_mlp_run_at_the_last_position(tiny_models) -> None:
+    """The last layer's attention output projection and MLP feed only the readout, which reads
+    the last position: main passes run them on that position alone (the reference tests prove
+    it exact). Counted at the MLP's output; fails when the shortcut is removed."""
+    lm = load_model(tiny_models["llama"])
+    patcher = Patcher(lm, batch_size=7)
+    programs = mixed_programs()
+    fed = []
+    last = lm.arch.n_layers - 1
+    hook = lm.arch.mlp[last].register_forward_hook(lambda m, a, out: fed.append(out.shape[:2]))
+    try:
+        waves = list(patcher.run(programs, SITES, None, "all"))
+    finally:
+        hook.remove()
+    plan = waves[0].plan
+    main = [p for p in plan.passes if p.read == "logits"]
+    assert any(p.width > 1 for p in main)
+    lengths = [len(encode_program(lm.tokenizer, p).clean_ids) for p in programs]
+    # The clean and counterfactual runs, and the readout's one-time check (two forwards of the
+    # first program), run every position.
+    whole = 2 * sum(lengths) + 2 * lengths[0]
+    assert sum(b * t for b, t in fed) == whole + sum(p.batch(last) for p in main)
+
+
 def test_free_patches_are_the_clean_run(tiny_models) -> None:
     lm = load_model(tiny_models["gpt2"])
     programs = list(iter_programs("binding", seed=4, seq_len=6, n=3))
@@ -269,3 +293,38 @@ def test_bad_arguments(tiny_models) -> None:
         with pytest.raises((ValueError, TypeError), match="batch_size"):
             Patcher(lm, batch_size=bad)
     assert isinstance(patcher.patch([], sites=["mlp_out"]), pa.Table)
+
+
+def test_sweep_estimate_is_the_work_the_engine_does(tiny_models) -> None:
+    """The plan the driver prints (`orchestrator.plan`) counts what the engine then computes,
+    shard by shard (one layer block and site each): here the sample is every program."""
+    from orchestrator.plan import SAMPLE, make_plan
+    from orchestrator.shards import layer_blocks
+    from orchestrator.spec import parse_spec
+
+    model = tiny_models["qwen3"]
+    spec = parse_spec(
+        {
+            "run": "estimate",
+            "seed": 3,
+            "tasks": [{"family": "binding", "seq_lens": [4, 6], "n": SAMPLE}],
+            "models": [{"id": model}],
+            "experiments": {
+                "patching": {"sites": ["resid_pre", "attn_head"], "layers_per_shard": 3}
+            },
+        }
+    )
+    estimate = make_plan(spec, {model: N_LAYERS})
+    lm = load_model(model)
+    rows = token_layers = free = 0
+    for seq_len in (4, 6):
+        programs = list(iter_programs("binding", 3, seq_len, SAMPLE))
+        for site in ("resid_pre", "attn_head"):
+            for block in layer_blocks(N_LAYERS, None, 3):
+                patcher = Patcher(lm, batch_size=10**6)
+                table = patcher.patch(programs, [site], list(block), "targets")
+                rows += table.num_rows
+                free += patcher.last_plan.cost().free
+                token_layers += patcher.engine.stats.token_layers
+    assert (estimate.patch_rows, estimate.free_rows) == (rows, free)
+    assert estimate.token_layers == token_layers

@@ -170,12 +170,13 @@ def test_reads_are_what_the_passes_use() -> None:
 
 
 def test_flops_of_a_pass_by_hand() -> None:
-    dims = Dims(n_layers=2, linear_params=100, attn_width=8, d_model=4, vocab=10)
+    dims = Dims(n_layers=2, linear_params=100, late_params=30, attn_width=8, d_model=4, vocab=10)
     plan = build_plan([shape(n_tokens=3, diff=(1,))], ["resid_pre"], [1], 2, 1, UNLIMITED)
     ps = next(p for p in plan.passes if p.start == 1)
-    # Layer 0: the carrier row, layer 1: one row; positions 1, 2 attend to 2 and 3 keys.
+    # Layer 0: the carrier row, layer 1: one row; positions 1, 2 attend to 2 and 3 keys; the
+    # last layer's output projection and MLP (30 of its 100 weights) run on position 2 alone.
     per_layer = 2 * 100 * 1 * 2 + 4 * 8 * 1 * (2 + 3)
-    assert pass_flops(ps, dims) == 2 * per_layer + 2 * 4 * 10 * 1
+    assert pass_flops(ps, dims) == 2 * per_layer - 2 * 30 * 1 + 2 * 4 * 10 * 1
     assert flops(plan, dims)["passes"] == sum(pass_flops(p, dims) for p in plan.passes)
 
 
