@@ -381,6 +381,8 @@ class Engine:
             # projection and MLP run on that position alone. The residual sums broadcast, and
             # the positions before it then hold values that nothing reads.
             last = self.arch.n_layers - 1
+            # (A last-layer head or MLP write is at the last position: a pass of width 1.)
+            assert all(e.write == "none" for e in ps.entries if e.layer == last), ps
             hooks.append((self.arch.attn_out[last], "pre_args", _last_position))
             hooks.append((self.arch.mlp[last], "pre_args", _last_position))
         ids = stack.ids[slots[0], ps.start : ps.stop].unsqueeze(0)
