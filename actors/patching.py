@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from actors.allocator import keep_freed_memory
 from actors.arch import SITES, ArchMap
 from actors.budget import STACK_FRACTION, Footprint, auto_budget, row_limit
 from actors.engine import Engine, Stack, run_plan
@@ -84,6 +85,9 @@ class Patcher:
         budget_bytes: the activation budget of `auto` (default: from the device's free memory).
         vocab_chunk: vocabulary rows per matmul of the readout's top-1 search.
 
+    On a CPU it keeps freed memory in the process (`actors.allocator`): the passes run about
+    1.5x faster, and the process's resident memory stays near its peak.
+
     Example:
         >>> lm = load_model("models/binding-tiny")
         >>> patcher = Patcher(lm)
@@ -99,6 +103,8 @@ class Patcher:
         vocab_chunk: int = VOCAB_CHUNK,
     ) -> None:
         self.lm = lm
+        if lm.device.type == "cpu":
+            keep_freed_memory()
         self.arch: ArchMap = lm.arch
         self.batch_size = batch_size
         self.readout = Readout.of(lm.model, vocab_chunk)

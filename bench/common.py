@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from actors.allocator import keep_freed_memory  # noqa: E402
 from actors.arch import arch_map  # noqa: E402
 from actors.loading import LoadedModel, load_model, resolve_device  # noqa: E402
 from actors.targets import encode_program  # noqa: E402
@@ -153,3 +154,11 @@ class PeakMemory:
     @property
     def mib(self) -> float:
         return self.peak_bytes / 2**20
+
+
+def setup_host(threads: int) -> None:
+    """CPU threads, and freed memory kept in the process (`actors.allocator`) from the start, for
+    every tool of the run alike (a `Patcher` on a CPU sets it anyway)."""
+    torch.set_num_threads(threads)
+    kept = keep_freed_memory()
+    print(f"host: {threads} torch threads; freed memory kept in the process: {kept}")

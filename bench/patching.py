@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PeakMemory, build, describe, matmul_flops, programs, sync
+from common import PeakMemory, build, describe, matmul_flops, programs, setup_host, sync
 
 from actors import Patcher
 from actors.plan import Dims, flops
@@ -234,7 +234,7 @@ def main() -> int:
     parser.add_argument("--head-layers", type=int, default=4, help="attn_head layers (real shapes)")
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny shape")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    setup_host(args.threads)
     shapes = [s for s in SHAPES if s not in ("tiny", "binding-tiny")]
     wanted = shapes if "all" in args.model_config else args.model_config
     unknown = [s for s in wanted if s not in SHAPES]

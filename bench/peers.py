@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import build, describe, pairs, programs
+from common import build, describe, pairs, programs, setup_host
 
 from actors import Patcher
 
@@ -264,7 +264,7 @@ def main() -> int:
     parser.add_argument("--programs", type=int, default=None, help="override the shape's")
     parser.add_argument("--repeats", type=int, default=None, help="override the shape's")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    setup_host(args.threads)
     shapes = list(WORK) if args.shape == "all" else [args.shape]
     results = [r for s in shapes for r in bench_shape(s, args)]
     print()
