@@ -8,6 +8,8 @@ gets the project's char-level tokenizer: token ids then use a few rows of a real
 the embedding and readout keep their real sizes.
 """
 
+import ctypes
+import ctypes.util
 import json
 import sys
 import tempfile
@@ -111,16 +113,40 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeat
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
+_MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd")
+_MALLINFO2 += ("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class _MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2]
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (heap and mappings), or None."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 class PeakMemory:
     """Peak memory while the block runs, above what was in use at its start: device memory on
-    CUDA, resident memory of the process on CPU (sampled every 5 ms)."""
+    CUDA; on CPU, bytes allocated through malloc (glibc; freed memory kept in the process, see
+    `actors.allocator`, does not count) or else the process's resident memory, sampled every
+    5 ms."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
 
     @staticmethod
-    def _rss() -> int:
+    def _in_use() -> int:
+        used = _malloc_in_use()
+        if used is not None:
+            return used
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
 
@@ -130,13 +156,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
-        self._base = self._rss()
+        self._base = self._in_use()
         self._high = self._base
         self._stop = threading.Event()
 
         def sample() -> None:
             while not self._stop.wait(0.005):
-                self._high = max(self._high, self._rss())
+                self._high = max(self._high, self._in_use())
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -149,7 +175,7 @@ class PeakMemory:
             return
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self._high, self._rss()) - self._base
+        self.peak_bytes = max(self._high, self._in_use()) - self._base
 
     @property
     def mib(self) -> float:
