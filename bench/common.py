@@ -113,30 +113,19 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeat
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
-_MALLINFO2 = ("arena", "ordblks", "smblks", "hblks", "hblkhd")
-_MALLINFO2 += ("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-
-
-class _MallInfo(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2]
-
-
-def _malloc_in_use() -> int | None:
-    """Bytes glibc's malloc has handed out and not had back (heap and mappings), or None."""
+def _release_free_memory() -> None:
+    """Hand the memory malloc keeps free back to the kernel (glibc `malloc_trim`), so that the
+    resident size counts what is in use."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class PeakMemory:
     """Peak memory while the block runs, above what was in use at its start: device memory on
-    CUDA; on CPU, bytes allocated through malloc (glibc; freed memory kept in the process, see
-    `actors.allocator`, does not count) or else the process's resident memory, sampled every
-    5 ms."""
+    CUDA; on CPU, the process's resident memory sampled every 5 ms, from a start where the
+    memory malloc kept free (`actors.allocator`) was handed back."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -144,9 +133,6 @@ class PeakMemory:
 
     @staticmethod
     def _in_use() -> int:
-        used = _malloc_in_use()
-        if used is not None:
-            return used
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096
 
@@ -156,6 +142,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
+        _release_free_memory()
         self._base = self._in_use()
         self._high = self._base
         self._stop = threading.Event()
