@@ -5,8 +5,9 @@ glibc's malloc serves a request above its mmap threshold (128 KiB, rising as blo
 at most 32 MiB) with a fresh mapping, and hands freed memory at the top of its heap back to the
 kernel once more than its trim threshold is free. A patching pass allocates and frees
 activations of megabytes in every layer, so on a CPU most of them arrive as new pages that the
-kernel faults in and zeroes one by one: at the binding-tiny shape on 2 cores that was about 40%
-of the engine's time (and of the peers' too; `bench/peers.py` sets this for every tool alike).
+kernel faults in and zeroes one by one: at the binding-tiny shape on 2 cores that was a third
+of the engine's time (the peers, with smaller tensors, gain little from the setting;
+`bench/peers.py` sets it for every tool alike).
 
 `keep_freed_memory` serves allocations up to `limit` from the heap and keeps up to `limit` freed
 bytes in the process. The price: the process's resident memory stays near its peak rather than
