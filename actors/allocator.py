@@ -27,15 +27,22 @@ M_MMAP_THRESHOLD = -3
 
 
 @functools.cache
-def _mallopt():
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "mallopt", None)
+    return ctypes.CDLL(name) if name else None
 
 
 def keep_freed_memory(limit: int = LIMIT) -> bool:
     """Set glibc's mmap and trim thresholds to `limit` bytes for this process; True when set."""
-    mallopt = _mallopt()
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
+def release_free_memory() -> None:
+    """Hand the memory malloc keeps free back to the kernel now (glibc `malloc_trim`), e.g. to
+    measure from a resident size that counts only what is in use."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)

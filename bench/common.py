@@ -8,8 +8,6 @@ gets the project's char-level tokenizer: token ids then use a few rows of a real
 the embedding and readout keep their real sizes.
 """
 
-import ctypes
-import ctypes.util
 import json
 import sys
 import tempfile
@@ -23,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.allocator import keep_freed_memory  # noqa: E402
+from actors.allocator import keep_freed_memory, release_free_memory  # noqa: E402
 from actors.arch import arch_map  # noqa: E402
 from actors.loading import LoadedModel, load_model, resolve_device  # noqa: E402
 from actors.targets import encode_program  # noqa: E402
@@ -113,15 +111,6 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeat
     return 2 * n**3 / sorted(times)[len(times) // 2]
 
 
-def _release_free_memory() -> None:
-    """Hand the memory malloc keeps free back to the kernel (glibc `malloc_trim`), so that the
-    resident size counts what is in use."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 class PeakMemory:
     """Peak memory while the block runs, above what was in use at its start: device memory on
     CUDA; on CPU, the process's resident memory sampled every 5 ms, from a start where the
@@ -142,7 +131,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             return self
-        _release_free_memory()
+        release_free_memory()
         self._base = self._in_use()
         self._high = self._base
         self._stop = threading.Event()
