@@ -1,22 +1,33 @@
 """Behaviour: does the model answer with the program's value?
 
-Two methods, chosen per family and tokenizer:
-- `logits`: with the raw template, when every candidate answer of the family starts with a
-  different token, the prediction is the candidate whose first token has the highest
-  next-token logit. Exact and one forward per batch.
-- `generate`: otherwise (multi-token answers that share a first token, or a template that makes
-  the model talk), greedy generation of `max_new_tokens` and the family's answer parser.
+Every program is asked by `actors.answers`' rule, the one patching uses: an answer prefix (the
+spec's string, or `auto` from the model's greedy next token), the tokens the clean and the
+counterfactual answer share appended, and at the first token where they differ one forward
+reads the top-1 over the vocabulary (`top1`, `top1_correct`) and the family's candidates
+(`choice_correct`). So a program is right or wrong the same way in both experiments.
 
-The vLLM backend (GPU machines) always generates; its request building and output parsing are
-plain functions here, so that they are tested without vLLM.
+`predicted` (and `correct`) is the model's own answer, by one of two methods:
+- `logits`: with a template that is not `chat`, when every candidate of the family continues
+  with a different token after the prompt, the prefix and what all candidates share, the
+  candidate whose token has the highest logit there (the same forward, where the inputs agree).
+- `generate`: otherwise (multi-token answers that share a first token, or a chat model),
+  greedy generation of `max_new_tokens` and the family's answer parser.
+
+`template: chat` uses the tokenizer's own chat template (`apply_chat_template`, generation
+prompt on) when it has one, else the built-in question (`CHAT_TEMPLATE`).
+
+The vLLM backend (GPU machines) generates; its request building and output parsing are plain
+functions here, so that they are tested without vLLM.
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import torch
 
+from actors.answers import Question, Skip, ask, choice, continuation, next_tokens, resolve_prefixes
 from actors.loading import LoadedModel
 from orchestrator.tasks import CHAT_TEMPLATE, RAW_TEMPLATE, get_family, parse_answer, render_prompt
 
@@ -33,21 +44,65 @@ BEHAVIOR_SCHEMA = pa.schema(
         ("correct", pa.bool_()),
         ("backend", pa.string()),
         ("method", pa.string()),
+        ("answer_prefix", pa.string()),
+        ("top1", pa.string()),
+        ("top1_candidate", pa.bool_()),
+        ("top1_correct", pa.bool_()),
+        ("choice_correct", pa.bool_()),
     ]
 )
+# The columns a question's forward fills (None where a program could not be asked).
+ASKED = ("answer_prefix", "top1", "top1_candidate", "top1_correct", "choice_correct")
+CHAT = "chat"
 
 
 def resolve_template(template: str) -> str:
     """`raw` and `chat` name the built-in templates; anything else is a format string."""
-    return {"raw": RAW_TEMPLATE, "chat": CHAT_TEMPLATE}.get(template, template)
+    return {"raw": RAW_TEMPLATE, CHAT: CHAT_TEMPLATE}.get(template, template)
+
+
+def render(tokenizer: Any, program: Any, template: str) -> str:
+    """The prompt of `program` under `template` (`raw`, `chat`, or a format string).
+
+    `chat` with a tokenizer that has a chat template: the built-in question as the user's
+    message, through `apply_chat_template` with the generation prompt; a beginning-of-text
+    token the template writes is dropped when the tokenizer adds its own.
+    """
+    if template == CHAT and getattr(tokenizer, "chat_template", None):
+        question = render_prompt(program, CHAT_TEMPLATE).removesuffix("\nAnswer:")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        bos = tokenizer.bos_token
+        ids = tokenizer("x")["input_ids"]
+        if bos and text.startswith(bos) and ids and ids[0] == tokenizer.bos_token_id:
+            text = text[len(bos) :]
+        return text
+    return render_prompt(program, resolve_template(template))
 
 
 def first_token_ids(tokenizer: Any, prompt: str, candidates: Sequence[str]) -> list[int] | None:
     """First token of each candidate after `prompt`, or None if two candidates share one."""
-    from actors.targets import answer_token
-
-    ids = [answer_token(tokenizer, prompt, c) for c in candidates]
+    base = tokenizer(prompt)["input_ids"]
+    ids = [continuation(tokenizer, base, prompt, c)[0] for c in candidates]
     return ids if len(set(ids)) == len(ids) else None
+
+
+def family_choice(
+    tokenizer: Any, prompt: str, prefix: str, candidates: Sequence[str]
+) -> tuple[list[int], list[int]] | None:
+    """The input of the `logits` method and each candidate's token there: the prompt, then the
+    tokens every candidate's continuation after `prompt + prefix` shares; None where two
+    candidates continue with the same token."""
+    base = tokenizer(prompt)["input_ids"]
+    conts = [continuation(tokenizer, base, prompt, prefix + c) for c in candidates]
+    n = 0
+    while all(len(c) > n + 1 for c in conts) and len({c[n] for c in conts}) == 1:
+        n += 1
+    nxt = [c[n] if len(c) > n else -1 for c in conts]
+    if -1 in nxt or len(set(nxt)) != len(nxt):
+        return None
+    return base + conts[0][:n], nxt
 
 
 def behavior_rows(
@@ -56,10 +111,13 @@ def behavior_rows(
     predictions: Sequence[str | None],
     backend: str,
     method: str,
+    asked: Sequence[dict[str, Any]] | None = None,
 ) -> pa.Table:
-    """The behaviour table for programs and the answers the model gave (None: no answer)."""
+    """The behaviour table for programs and the answers the model gave (None: no answer);
+    `asked[i]` holds program i's `ASKED` columns (missing: null)."""
     rows = {f.name: [] for f in BEHAVIOR_SCHEMA}
-    for p, pred in zip(programs, predictions, strict=True):
+    asked = asked if asked is not None else [{}] * len(programs)
+    for p, pred, extra in zip(programs, predictions, asked, strict=True):
         rows["model"].append(model)
         rows["task"].append(p.task)
         rows["seq_len"].append(p.seq_len)
@@ -71,7 +129,38 @@ def behavior_rows(
         rows["correct"].append(pred == p.answer)
         rows["backend"].append(backend)
         rows["method"].append(method)
+        for name in ASKED:
+            rows[name].append(extra.get(name))
     return pa.table(rows, schema=BEHAVIOR_SCHEMA)
+
+
+def question(tokenizer: Any, program: Any, template: str, prefix: str) -> Question | Skip:
+    """`actors.answers.ask` for one program under a template (its counterfactual rendered the
+    same way; a program without one is asked against itself, which only its own answer
+    decides)."""
+    prompt = render(tokenizer, program, template)
+    candidates = get_family(program.task).candidates
+    if program.cf_text is None:
+        other = next((c for c in candidates if c[:1] != program.answer[:1]), program.answer)
+        return ask(tokenizer, prompt, prompt, program.answer, other, candidates, prefix, False)
+    cf = dataclasses.replace(program, text=program.cf_text)
+    cf_prompt = render(tokenizer, cf, template)
+    return ask(
+        tokenizer, prompt, cf_prompt, program.answer, program.cf_answer, candidates, prefix, False
+    )
+
+
+def asked_columns(tokenizer: Any, q: Question | Skip, prefix: str, top: int, logits) -> dict:
+    """The `ASKED` columns of one program from its question's forward."""
+    if isinstance(q, Skip):
+        return {"answer_prefix": prefix}
+    return {
+        "answer_prefix": q.prefix,
+        "top1": tokenizer.decode([top]),
+        "top1_candidate": top in q.candidates,
+        "top1_correct": top == q.clean_answer[0],
+        "choice_correct": choice(logits, q.candidates, q.clean_answer[0]),
+    }
 
 
 class HFScorer:
@@ -81,7 +170,7 @@ class HFScorer:
         self, lm: LoadedModel, template: str = "raw", batch_size: int = 64, max_new_tokens: int = 8
     ) -> None:
         self.lm = lm
-        self.template = resolve_template(template)
+        self.template = template
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
 
@@ -92,19 +181,6 @@ class HFScorer:
         return {
             k: v.to(self.lm.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
         }
-
-    @torch.no_grad()
-    def _by_logits(
-        self, prompts: Sequence[str], candidates: Sequence[str], ids: list[int]
-    ) -> list[str]:
-        out: list[str] = []
-        index = torch.tensor(ids, device=self.lm.device)
-        for start in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[start : start + self.batch_size])
-            logits = self.lm.model(**enc, logits_to_keep=1).logits[:, -1]
-            best = logits[:, index].argmax(-1).tolist()
-            out.extend(candidates[i] for i in best)
-        return out
 
     @torch.no_grad()
     def _by_generation(self, prompts: Sequence[str]) -> list[str | None]:
@@ -122,34 +198,76 @@ class HFScorer:
             out.extend(parse_answer(tok.decode(row, skip_special_tokens=True)) for row in new)
         return out
 
-    def score(self, programs: Sequence[Any]) -> pa.Table:
-        """One behaviour row per program (all of one family)."""
+    def score(self, programs: Sequence[Any], answer_prefix: str = "") -> pa.Table:
+        """One behaviour row per program (all of one family).
+
+        Args:
+            programs: `orchestrator.tasks.Program`s of one family.
+            answer_prefix: the text between prompt and answer, or `auto` (`actors.answers`).
+        """
         if not programs:
             return BEHAVIOR_SCHEMA.empty_table()
         families = {p.task for p in programs}
         assert len(families) == 1, f"score one family at a time, got {sorted(families)}"
         candidates = get_family(programs[0].task).candidates
-        prompts = [render_prompt(p, self.template) for p in programs]
-        ids = None
-        if self.template == RAW_TEMPLATE:
-            ids = first_token_ids(self.lm.tokenizer, prompts[0], candidates)
-        if ids is not None:
-            preds: list[str | None] = list(self._by_logits(prompts, candidates, ids))
+        tok, model = self.lm.tokenizer, self.lm.model
+        prompts = [render(tok, p, self.template) for p in programs]
+        prefixes = resolve_prefixes(model, tok, prompts, candidates, answer_prefix, self.batch_size)
+        questions = [
+            question(tok, p, self.template, prefix)
+            for p, prefix in zip(programs, prefixes, strict=True)
+        ]
+        choices = None
+        if self.template != CHAT:
+            choices = [
+                family_choice(tok, prompt, prefix, candidates)
+                for prompt, prefix in zip(prompts, prefixes, strict=True)
+            ]
+            if any(c is None for c in choices):
+                choices = None
+        # One forward per distinct input, reading every token asked of it.
+        wanted: dict[tuple[int, ...], set[int]] = {}
+        for q in questions:
+            if not isinstance(q, Skip):
+                wanted.setdefault(tuple(q.clean_ids), set()).update(q.candidates)
+        for ids, nxt in choices or ():
+            wanted.setdefault(tuple(ids), set()).update(nxt)
+        inputs = list(wanted)
+        picks = [sorted(wanted[k]) for k in inputs]
+        top, picked = next_tokens(model, inputs, picks, self.batch_size)
+        read = {
+            k: (t, dict(zip(p, v, strict=True)))
+            for k, t, p, v in zip(inputs, top, picks, picked, strict=True)
+        }
+        asked = []
+        for q, prefix in zip(questions, prefixes, strict=True):
+            if isinstance(q, Skip):
+                asked.append(asked_columns(tok, q, prefix, 0, []))
+                continue
+            t, logits = read[tuple(q.clean_ids)]
+            asked.append(asked_columns(tok, q, prefix, t, [logits[c] for c in q.candidates]))
+        if choices is not None:
+            preds: list[str | None] = []
+            for ids, nxt in choices:
+                logits = read[tuple(ids)][1]
+                best = max(range(len(nxt)), key=lambda i: logits[nxt[i]])
+                preds.append(candidates[best])
             method = "logits"
         else:
             preds, method = self._by_generation(prompts), "generate"
-        return behavior_rows(self.lm.name, programs, preds, "hf", method)
+        return behavior_rows(self.lm.name, programs, preds, "hf", method, asked)
 
 
 # -- vLLM: plain functions for requests and outputs; the engine only on GPU machines ---------
 
+VLLM_TOP_K = 20  # logprobs per position where the candidates cannot be asked for (vLLM's max)
+
 
 def vllm_requests(
-    programs: Sequence[Any], template: str, max_new_tokens: int
+    programs: Sequence[Any], template: str, max_new_tokens: int, tokenizer: Any = None
 ) -> tuple[list[str], dict]:
     """Prompts and greedy `SamplingParams` keyword arguments for a batch of programs."""
-    tpl = resolve_template(template)
-    prompts = [render_prompt(p, tpl) for p in programs]
+    prompts = [render(tokenizer, p, template) for p in programs]
     return prompts, {"max_tokens": max_new_tokens, "temperature": 0.0}
 
 
@@ -158,23 +276,76 @@ def vllm_predictions(outputs: Sequence[Any]) -> list[str | None]:
     return [parse_answer(o.outputs[0].text) if o.outputs else None for o in outputs]
 
 
+def vllm_score_params(candidates: Sequence[int], direct: bool) -> dict:
+    """`SamplingParams` keyword arguments that read one next token and the candidates'
+    log-probabilities: asked for directly (`logprob_token_ids`, where the installed vLLM has
+    it), else as the top `VLLM_TOP_K` log-probabilities, which hold the candidates that matter
+    (one that is not among them is below every one that is)."""
+    params = {"max_tokens": 1, "temperature": 0.0}
+    if direct:
+        return params | {"logprobs": 1, "logprob_token_ids": sorted(set(candidates))}
+    return params | {"logprobs": VLLM_TOP_K}
+
+
+def vllm_next(output: Any, candidates: Sequence[int]) -> tuple[int, list[float]]:
+    """The greedy next token of one `RequestOutput` and each candidate's log-probability
+    (`-inf` where vLLM did not return it)."""
+    first = output.outputs[0]
+    found = first.logprobs[0] if first.logprobs else {}
+    value = {int(t): getattr(lp, "logprob", lp) for t, lp in found.items()}
+    return int(first.token_ids[0]), [value.get(c, float("-inf")) for c in candidates]
+
+
 class VLLMScorer:
-    """Scores programs with `vllm.LLM` (greedy generation and the family's parser)."""
+    """Scores programs with `vllm.LLM`: greedy generation and the family's parser for
+    `predicted`, and one scoring request per program for the `ASKED` columns."""
 
     def __init__(self, model: str, template: str = "raw", max_new_tokens: int = 8, **engine: Any):
-        from vllm import LLM
+        from vllm import LLM, SamplingParams
 
         self.name = model
         self.template = template
         self.max_new_tokens = max_new_tokens
         self.llm = LLM(model=model, **engine)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.direct = hasattr(SamplingParams, "logprob_token_ids")
 
-    def score(self, programs: Sequence[Any]) -> pa.Table:
+    def _next(self, inputs: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]):
         from vllm import SamplingParams
 
-        prompts, params = vllm_requests(programs, self.template, self.max_new_tokens)
+        requests = [{"prompt_token_ids": list(ids)} for ids in inputs]
+        params = [SamplingParams(**vllm_score_params(c, self.direct)) for c in candidates]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [vllm_next(o, c) for o, c in zip(outputs, candidates, strict=True)]
+
+    def score(self, programs: Sequence[Any], answer_prefix: str = "") -> pa.Table:
+        from vllm import SamplingParams
+
+        from actors.answers import AUTO, auto_prefix
+
+        tok = self.tokenizer
+        candidates = get_family(programs[0].task).candidates
+        prompts, params = vllm_requests(programs, self.template, self.max_new_tokens, tok)
+        prefixes = [answer_prefix] * len(programs)
+        if answer_prefix == AUTO:
+            nxt = self._next([tok(p)["input_ids"] for p in prompts], [[]] * len(prompts))
+            prefixes = [auto_prefix(tok.decode([t]), candidates) for t, _ in nxt]
+        questions = [
+            question(tok, p, self.template, prefix)
+            for p, prefix in zip(programs, prefixes, strict=True)
+        ]
+        asked_at = [i for i, q in enumerate(questions) if not isinstance(q, Skip)]
+        read = self._next(
+            [questions[i].clean_ids for i in asked_at], [questions[i].candidates for i in asked_at]
+        )
+        asked = [
+            asked_columns(tok, q, pre, 0, []) for q, pre in zip(questions, prefixes, strict=True)
+        ]
+        for i, (top, logprobs) in zip(asked_at, read, strict=True):
+            asked[i] = asked_columns(tok, questions[i], prefixes[i], top, logprobs)
         outputs = self.llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
-        return behavior_rows(self.name, programs, vllm_predictions(outputs), "vllm", "generate")
+        preds = vllm_predictions(outputs)
+        return behavior_rows(self.name, programs, preds, "vllm", "generate", asked)
 
 
 def vllm_available() -> bool:

@@ -11,20 +11,24 @@ stays the nnsight wrapper for tracing by hand.
 Two kinds of forward:
 * `runs`: the clean and counterfactual prompts of programs of one length, in one batch. Keeps
   what the plan's passes read (`Plan.reads`), the clean run's keys and values, and both runs'
-  readouts.
+  readouts at the programs' readout positions (the last r: r = 1 for tokens `[prog, k]`, a
+  token set per position for tokens `[prog, r, k]`; `actors.plan` says why).
 * `run_pass`: one `Pass`. The forward is fed the tokens `start..stop-1` with the clean keys and
   values of positions < start in the cache; a pre-hook on each layer appends the rows joining
   there (each with its own program's cache, set up before the forward); hooks on the attention
   output projection and the MLP write the counterfactual values; the base model's last hidden
   state goes through `Readout`, or (pre-passes) a hook on each entry's layer keeps its output at
   the first position and the forward stops after the pass's last layer.
+
+Only the last r positions of a main pass's last layer reach the readout, so that layer's
+attention output projection and MLP run on them alone (`_readout_positions`).
 """
 
 import collections
 import dataclasses
 import inspect
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,8 +39,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from actors.arch import ArchMap
-from actors.plan import Pass, Plan, Reads
-from actors.readout import Readout
+from actors.plan import Pass, Plan, Reads, StackKey
+from actors.readout import Read, Readout
 
 
 @dataclasses.dataclass
@@ -45,36 +49,44 @@ class Stats:
 
     token_layers: int = 0  # sum over forwards and layers of batch x positions fed
     forwards: int = 0
-    readout_rows: int = 0
+    readout_rows: int = 0  # hidden states read out (rows x readout positions)
     oom_splits: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Stack:
-    """Clean and counterfactual runs of programs of one length, stacked (slot = program).
+    """Clean and counterfactual runs of programs of one length and n_read, stacked (slot =
+    program). `*r` is empty for 2-D tokens (one readout position, the last), else `r`.
 
     Attributes:
         ids: clean token ids.
-        tokens: per program the token ids whose logits are read (clean answer, cf answer).
+        tokens: per program (and readout position) the token ids whose logits are read.
         clean_resid / cf_resid: per layer, the residual stream entering it.
         cf_z: per layer, the heads' outputs (input of the attention output projection).
         cf_mlp: per layer, the MLP's output.
         keys / values: per layer, the clean run's (all layers).
-        clean_logits / cf_logits: each run's logits of `tokens`; clean_top / cf_top: top-1.
+        clean_logits / cf_logits: each run's logits of `tokens`; clean_top / cf_top: top-1;
+            clean_lse / cf_lse: log-sum-exp over the vocabulary (`actors.readout`).
     """
 
     ids: Int[Tensor, "prog pos"]
-    tokens: Int[Tensor, "prog k"]
+    tokens: Int[Tensor, "prog *r k"]
     clean_resid: dict[int, Float[Tensor, "prog pos d_model"]]
     cf_resid: dict[int, Float[Tensor, "prog pos d_model"]]
     cf_z: dict[int, Float[Tensor, "prog pos head d_head"]]
     cf_mlp: dict[int, Float[Tensor, "prog pos d_model"]]
     keys: list[Tensor]
     values: list[Tensor]
-    clean_logits: Float[Tensor, "prog k"]
-    cf_logits: Float[Tensor, "prog k"]
-    clean_top: Int[Tensor, " prog"]
-    cf_top: Int[Tensor, " prog"]
+    clean_logits: Float[Tensor, "prog *r k"]
+    cf_logits: Float[Tensor, "prog *r k"]
+    clean_top: Int[Tensor, " prog *r"]
+    cf_top: Int[Tensor, " prog *r"]
+    clean_lse: Float[Tensor, " prog *r"]
+    cf_lse: Float[Tensor, " prog *r"]
+
+    @property
+    def n_read(self) -> int:
+        return 1 if self.tokens.dim() == 2 else self.tokens.shape[1]
 
 
 class _PrefixLayer(DynamicLayer):
@@ -133,9 +145,22 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _last_position(module: torch.nn.Module, args: tuple) -> tuple:
-    assert args, f"{type(module).__name__} takes its input by keyword; cannot slice it"
-    return (args[0][:, -1:], *args[1:])
+def _readout_positions(module: torch.nn.Module, n: int, width: int) -> list:
+    """Hooks running `module` (the last layer's attention output projection or MLP) on the last
+    `n` of `width` positions. Its output is added to the residual stream: one position
+    broadcasts; n > 1 is padded back to `width` with zeros (the positions before hold values
+    that nothing reads: after the last attention every operation is per position)."""
+
+    def keep(module, args):
+        assert args, f"{type(module).__name__} takes its input by keyword; cannot slice it"
+        # Contiguous: GPT-2's Conv1D views its input (a no-op copy for n = 1).
+        return (args[0][:, -n:].contiguous(), *args[1:])
+
+    def pad(module, args, out):
+        padded = torch.nn.functional.pad(_output(out), (0, 0, width - n, 0))
+        return (padded, *out[1:]) if isinstance(out, tuple) else padded
+
+    return [(module, "pre_args", keep)] + ([(module, "post", pad)] if n > 1 else [])
 
 
 def _output(out: Any) -> Tensor:
@@ -197,10 +222,17 @@ class Engine:
         self,
         clean_ids: Int[Tensor, "prog pos"],
         cf_ids: Int[Tensor, "prog pos"],
-        tokens: Int[Tensor, "prog k"],
+        tokens: Int[Tensor, "prog *r k"],
         reads: Reads,
     ) -> Stack:
-        """Both runs of programs of one length in one forward; keep what `reads` asks for."""
+        """Both runs of programs of one length in one forward; keep what `reads` asks for.
+
+        Args:
+            clean_ids / cf_ids: the programs' tokens.
+            tokens: per program the token ids whose logits are read at the last position
+                (`[prog, k]`), or at each of the last r positions (`[prog, r, k]`).
+            reads: the layers the plan's passes read.
+        """
         g, n_layers = clean_ids.shape[0], self.arch.n_layers
         resid: dict[int, Tensor] = {}
         z: dict[int, Tensor] = {}
@@ -231,7 +263,8 @@ class Engine:
         with _hooks(hooks + self._counting()):
             out = self.base(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         self.stats.forwards += 1
-        logits, top = self._read(out.last_hidden_state[:, -1], torch.cat([tokens, tokens]))
+        r = 1 if tokens.dim() == 2 else tokens.shape[1]
+        read = self._read(out.last_hidden_state[:, -r:], torch.cat([tokens, tokens]))
         heads, d_head = self.arch.n_heads, self.arch.d_head
         return Stack(
             ids=clean_ids.to(self.device),
@@ -242,15 +275,17 @@ class Engine:
             cf_mlp={x: mlp[x][g:] for x in reads.cf_mlp},
             keys=[cache.layers[x].keys[:g] for x in range(n_layers)],
             values=[cache.layers[x].values[:g] for x in range(n_layers)],
-            clean_logits=logits[:g],
-            cf_logits=logits[g:],
-            clean_top=top[:g],
-            cf_top=top[g:],
+            clean_logits=read.logits[:g],
+            cf_logits=read.logits[g:],
+            clean_top=read.top[:g],
+            cf_top=read.top[g:],
+            clean_lse=read.lse[:g],
+            cf_lse=read.lse[g:],
         )
 
-    def _read(self, hidden: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        self.stats.readout_rows += hidden.shape[0]
-        return self.readout(hidden, tokens.to(hidden.device))
+    def _read(self, hidden: Float[Tensor, "row n d_model"], tokens: Tensor) -> Read:
+        self.stats.readout_rows += hidden.shape[0] * hidden.shape[1]
+        return self.readout.at_positions(hidden, tokens)
 
     # -- one pass ---------------------------------------------------------------------------
     def _prefix_cache(self, ps: Pass, stack: Stack, slots: Tensor) -> Cache | None:
@@ -326,21 +361,23 @@ class Engine:
         stack: Stack,
         slot_of: dict[int, int],
         carried: dict[int, Tensor],
-    ) -> tuple[Tensor, Tensor] | None:
+    ) -> Read | None:
         """Run one pass.
 
         Args:
             ps: the pass.
             plan: its plan (for the patches behind the entries).
-            stack: the runs of the pass's programs.
+            stack: the runs of the pass's programs (of its `stack_key`).
             slot_of: program index -> slot in `stack`.
             carried: patch -> its pre-pass output `[d_model]`; a pre-pass adds to it, a main
                 pass reads its entries' values (`run_plan` drops them once the pass is done).
 
         Returns:
-            For a main pass, (logits of the stack's tokens `[rows, k]`, top-1 `[rows]`), rows in
-            entry order; for a pre-pass, None (outputs go to `carried`).
+            For a main pass, the readout of the stack's tokens at the readout positions: logits
+            `[rows, k]` (2-D tokens) or `[rows, r, k]`, top-1 and log-sum-exp `[rows]` or
+            `[rows, r]`, rows in entry order; for a pre-pass, None (outputs go to `carried`).
         """
+        assert stack.n_read == ps.n_read, f"stack reads {stack.n_read} positions, pass {ps}"
         slots = torch.tensor([slot_of[plan.patches[e.patch].program] for e in ps.entries])
         slots = slots.to(self.device)
         joins = self._inputs(ps, stack, slots, carried)
@@ -376,15 +413,15 @@ class Engine:
                 hooks.extend(self._writes(ps, plan, stack, slots, layer))
             if a < b and pre:
                 hooks.append((self.arch.layers[layer], "post", keep(layer, a, b)))
-        if not pre and ps.width > 1:
-            # Only the last position of the last layer's output is read: its attention output
-            # projection and MLP run on that position alone. The residual sums broadcast, and
-            # the positions before it then hold values that nothing reads.
+        if not pre and ps.width > ps.n_read:
+            # Only the readout positions of the last layer's output are read: its attention
+            # output projection and MLP run on them alone.
             last = self.arch.n_layers - 1
-            # (A last-layer head or MLP write is at the last position: a pass of width 1.)
+            # (A last-layer head or MLP write is at the first readout position: a pass of
+            # width n_read.)
             assert all(e.write == "none" for e in ps.entries if e.layer == last), ps
-            hooks.append((self.arch.attn_out[last], "pre_args", _last_position))
-            hooks.append((self.arch.mlp[last], "pre_args", _last_position))
+            for module in (self.arch.attn_out[last], self.arch.mlp[last]):
+                hooks.extend(_readout_positions(module, ps.n_read, ps.width))
         ids = stack.ids[slots[0], ps.start : ps.stop].unsqueeze(0)
         cache = self._prefix_cache(ps, stack, slots)
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
@@ -397,7 +434,7 @@ class Engine:
                 return None
         assert not pre, f"pre-pass ran past its last layer {ps.last_layer}"
         assert not joins, f"layers {sorted(joins)} never ran"
-        hidden = out.last_hidden_state[:, -1]
+        hidden = out.last_hidden_state[:, -ps.n_read :]
         assert hidden.shape[0] == len(ps.entries), f"{hidden.shape[0]} rows != {len(ps.entries)}"
         return self._read(hidden, stack.tokens[slots])
 
@@ -413,39 +450,58 @@ def is_oom(err: BaseException) -> bool:
 def run_plan(
     engine: Engine,
     plan: Plan,
-    stacks: dict[int, tuple[Stack, dict[int, int]]],
+    stacks: Mapping[StackKey | int, tuple[Stack, dict[int, int]]],
     split_on_oom: bool = False,
-) -> tuple[Float[Tensor, "patch k"], Int[Tensor, " patch"]]:
-    """Every patch's logits of its program's tokens and its top-1 token.
+) -> Read:
+    """Every patch's readout of its program's tokens: logits, top-1 token and log-sum-exp.
 
     Args:
         engine: the engine.
         plan: the plan.
-        stacks: program length -> (its stack, program index -> slot).
+        stacks: per `ProgramShape.stack_key` (n_tokens, n_read) of the plan's programs, (its
+            stack, program index -> slot). A plain length `n` stands for `(n, 1)`.
         split_on_oom: a pass that runs out of memory is split in two and both halves run
             (down to one row, which re-raises); otherwise the error propagates.
 
     Returns:
-        Per patch, in `plan.patches` order. Free patches get their program's clean readout.
+        Per patch, in `plan.patches` order: logits `[patch, k]`, top-1 and log-sum-exp
+        `[patch]` where every stack's tokens are 2-D; else `[patch, r, k]` and `[patch, r]`,
+        r the largest n_read, where `[:, j]` is the program's j-th readout position
+        (`n_tokens - n_read + j`), NaN (top: -1) past its n_read. Free patches get their
+        program's clean readout.
+
+    Raises:
+        ValueError: `stacks` lacks the key of one of the plan's programs.
     """
-    k = next(iter(stacks.values()))[0].tokens.shape[1]
-    device = engine.device
-    logits = torch.empty(len(plan.patches), k, device=device)
-    top = torch.empty(len(plan.patches), dtype=torch.long, device=device)
-    for n_tokens, (stack, slot_of) in stacks.items():
+    by_key = {(key, 1) if isinstance(key, int) else key: v for key, v in stacks.items()}
+    missing = sorted({s.stack_key for s in plan.programs} - set(by_key))
+    if missing:
+        raise ValueError(
+            f"no stack for (n_tokens, n_read) {missing} (stacks: {sorted(by_key)}); run "
+            "`Engine.runs` for each `ProgramShape.stack_key` of the plan's programs"
+        )
+    assert all(st.n_read == key[1] for key, (st, _) in by_key.items()), "stack n_read != key"
+    ks = {st.tokens.shape[-1] for st, _ in by_key.values()}
+    assert len(ks) == 1, f"stacks read different numbers of tokens: {ks}"
+    per_position = any(st.tokens.dim() == 3 for st, _ in by_key.values())
+    n = max(key[1] for key in by_key) if per_position else None
+    out = Read.empty(len(plan.patches), n, ks.pop(), engine.device)
+    for key, (stack, slot_of) in by_key.items():
         free = [
             (i, slot_of[p.program])
             for i, p in enumerate(plan.patches)
-            if p.free is not None and plan.programs[p.program].n_tokens == n_tokens
+            if p.free is not None and plan.programs[p.program].stack_key == key
         ]
         if free:
-            index, slots = (torch.tensor(x, device=device) for x in zip(*free, strict=True))
-            logits[index], top[index] = stack.clean_logits[slots], stack.clean_top[slots]
+            index, slots = zip(*free, strict=True)
+            at = torch.tensor(slots, device=engine.device)
+            clean = Read(stack.clean_logits[at], stack.clean_top[at], stack.clean_lse[at])
+            out.put(list(index), clean)
     carried: dict[int, Tensor] = {}
     todo = collections.deque(plan.passes)
     while todo:
         ps = todo.popleft()
-        stack, slot_of = stacks[ps.n_tokens]
+        stack, slot_of = by_key[ps.stack_key]
         try:
             result = engine.run_pass(ps, plan, stack, slot_of, carried)
         except Exception as err:
@@ -457,9 +513,8 @@ def run_plan(
             todo.extendleft(reversed(ps.split()))
             continue
         if result is not None:
-            index = torch.tensor([e.patch for e in ps.entries], device=device)
-            logits[index], top[index] = result
+            out.put([e.patch for e in ps.entries], result)
             for e in ps.entries:
                 carried.pop(e.patch, None)
     assert not carried, f"{len(carried)} pre-pass outputs never used"
-    return logits, top
+    return out

@@ -11,6 +11,12 @@ Three steps, each its own module:
    tokens and its top-1 token leave the forward. This module turns them into rows of
    `PATCHING_SCHEMA`.
 
+What is asked is `actors.answers`' rule, shared with behaviour: the answer prefix (a string,
+or `auto`: from the model's greedy next token, one extra forward per program) and the tokens
+both answers share are appended to the prompts, and the first tokens at which the answers
+differ are compared. The clean and counterfactual runs also read the family's candidate tokens
+there, for `choice_correct`.
+
 The result equals one full forward per patch with plain hooks (tests check it against
 `tests/reference.py`, not this code, on every architecture `actors.arch` maps).
 """
@@ -22,21 +28,24 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 
 from actors.allocator import keep_freed_memory
+from actors.answers import AUTO, choice, resolve_prefixes
 from actors.arch import SITES, ArchMap
 from actors.budget import STACK_FRACTION, Footprint, auto_budget, row_limit
 from actors.engine import Engine, Stack, run_plan
+from actors.forcing import Unit, tokens, units
 from actors.loading import LoadedModel
-from actors.plan import Plan, ProgramShape, Reads, build_plan
-from actors.readout import VOCAB_CHUNK, Readout
+from actors.plan import Plan, Reads, build_plan
+from actors.readout import VOCAB_CHUNK, Read, Readout
+from actors.rows import Wave, append_rows
 from actors.targets import EncodedPair, Skip, encode_program
+from orchestrator.tasks import get_family
 
 logger = logging.getLogger(__name__)
 
-MIN_DENOMINATOR = 1e-3  # |cf - clean| logit-diff gap below which norm_effect is null
+Metric = Literal["first_token", "answer_logprob"]
+METRICS: tuple[str, ...] = ("first_token", "answer_logprob")
 
 PATCHING_SCHEMA = pa.schema(
     [
@@ -52,8 +61,14 @@ PATCHING_SCHEMA = pa.schema(
         ("label", pa.string()),
         ("clean_answer", pa.string()),
         ("cf_answer", pa.string()),
-        ("clean_correct", pa.bool_()),
-        ("cf_correct", pa.bool_()),
+        ("answer_prefix", pa.string()),
+        ("metric", pa.string()),
+        ("top1", pa.string()),
+        ("top1_candidate", pa.bool_()),
+        ("top1_correct", pa.bool_()),
+        ("choice_correct", pa.bool_()),
+        ("cf_top1_correct", pa.bool_()),
+        ("cf_choice_correct", pa.bool_()),
         ("clean_logit_diff", pa.float32()),
         ("cf_logit_diff", pa.float32()),
         ("patched_logit_diff", pa.float32()),
@@ -61,18 +76,6 @@ PATCHING_SCHEMA = pa.schema(
         ("flipped", pa.bool_()),
     ]
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Wave:
-    """Programs patched together: their plan, and per patch (in plan order) the logits of
-    (clean answer, counterfactual answer) and the top-1 token."""
-
-    plan: Plan
-    pairs: list[tuple[dict, EncodedPair]]
-    logits: Float[Tensor, "patch 2"]
-    top: Int[Tensor, " patch"]
-    stacks: dict[int, tuple[Stack, dict[int, int]]]
 
 
 class Patcher:
@@ -84,6 +87,8 @@ class Patcher:
             (`actors.budget`), splitting a pass that still runs out of memory.
         budget_bytes: the activation budget of `auto` (default: from the device's free memory).
         vocab_chunk: vocabulary rows per matmul of the readout's top-1 search.
+        metric: `first_token` (the logits of the compared tokens) or `answer_logprob` (the
+            summed log-probability of each whole answer under teacher forcing).
 
     On a CPU it keeps freed memory in the process (`actors.allocator`): the passes run about
     1.5x faster, and the process's resident memory stays near its peak.
@@ -101,13 +106,18 @@ class Patcher:
         batch_size: int | Literal["auto"] = "auto",
         budget_bytes: int | None = None,
         vocab_chunk: int = VOCAB_CHUNK,
+        metric: Metric = "first_token",
     ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric={metric!r}; use one of {list(METRICS)}")
+        self.metric = metric
         self.lm = lm
         if lm.device.type == "cpu":
             keep_freed_memory()
         self.arch: ArchMap = lm.arch
         self.batch_size = batch_size
-        self.readout = Readout.of(lm.model, vocab_chunk)
+        # The log-sum-exp over the vocabulary costs 5-12% of the readout; only log-probs need it.
+        self.readout = Readout.of(lm.model, vocab_chunk, lse=metric == "answer_logprob")
         self.engine = Engine(lm.model, lm.arch, self.readout)
         dtype = next(lm.model.parameters()).dtype
         self.footprint = Footprint.of(lm.arch, lm.model.config, dtype.itemsize)
@@ -138,22 +148,37 @@ class Patcher:
         return row_limit(self.footprint, self._budget(), max_rows)
 
     # -- plan -------------------------------------------------------------------------------
-    def _encode(self, programs: Sequence[Any]) -> list[tuple[dict, EncodedPair]]:
+    def _encode(
+        self, programs: Sequence[Any], answer_prefix: str
+    ) -> list[tuple[dict, EncodedPair]]:
+        progs = [p if isinstance(p, dict) else p.to_dict() for p in programs]
+        prefixes = [answer_prefix] * len(progs)
+        if answer_prefix == AUTO:  # one greedy forward per program, a family at a time
+            for task in sorted({p["task"] for p in progs}):
+                index = [i for i, p in enumerate(progs) if p["task"] == task]
+                found = resolve_prefixes(
+                    self.lm.model,
+                    self.lm.tokenizer,
+                    [progs[i]["text"] for i in index],
+                    get_family(task).candidates,
+                    AUTO,
+                )
+                for i, prefix in zip(index, found, strict=True):
+                    prefixes[i] = prefix
         pairs = []
-        for program in programs:
-            prog = program if isinstance(program, dict) else program.to_dict()
-            pair = encode_program(self.lm.tokenizer, prog)
+        for prog, prefix in zip(progs, prefixes, strict=True):
+            pair = encode_program(self.lm.tokenizer, prog, prefix)
             if isinstance(pair, Skip):
                 self.skipped.append((prog, pair.reason))
             else:
                 pairs.append((prog, pair))
         return pairs
 
+    def _units(self, pairs: list[tuple[dict, EncodedPair]]) -> list[Unit]:
+        return units([pair for _, pair in pairs], self.metric)
+
     def _plan(self, pairs, sites, layers, positions) -> Plan:
-        shapes = [
-            ProgramShape(len(pair.clean_ids), tuple(pair.diff), tuple(pair.positions(positions)))
-            for _, pair in pairs
-        ]
+        shapes = [u.shape(pairs[u.source][1], positions) for u in self._units(pairs)]
         n = self.arch.n_layers
         layers = list(range(n)) if layers is None else list(layers)
         try:
@@ -167,10 +192,12 @@ class Patcher:
         sites: Sequence[str] = ("resid_pre",),
         layers: Sequence[int] | None = None,
         positions: str = "all",
+        answer_prefix: str = "",
     ) -> Plan:
-        """The plan `patch` would run for these arguments (nothing runs)."""
+        """The plan `patch` would run for these arguments (nothing runs but, under `auto`, the
+        prefix's greedy forward)."""
         _check_arguments(sites, positions)
-        return self._plan(self._encode(programs), sites, layers, positions)
+        return self._plan(self._encode(programs, answer_prefix), sites, layers, positions)
 
     # -- execute ----------------------------------------------------------------------------
     def _stack_wave(self, pairs: list[tuple[dict, EncodedPair]], reads: Reads) -> int:
@@ -178,34 +205,57 @@ class Patcher:
         budget = self._budget()
         if budget is None:
             return len(pairs)
-        n_tokens = max(len(p.clean_ids) for _, p in pairs)
-        per_program = self.footprint.stack_bytes(reads, n_tokens)
+        n_tokens = max(len(u.clean_ids) for u in self._units(pairs))
+        # A pair is two programs when both of its answers are forced.
+        per_program = self.footprint.stack_bytes(reads, n_tokens) * (
+            1 if self.metric == "first_token" else 2
+        )
         return max(1, int(budget * STACK_FRACTION) // per_program)
 
     def _stacks(
-        self, pairs: list[tuple[dict, EncodedPair]], reads: Reads
-    ) -> dict[int, tuple[Stack, dict[int, int]]]:
-        by_length: dict[int, list[int]] = {}
-        for g, (_, pair) in enumerate(pairs):
-            by_length.setdefault(len(pair.clean_ids), []).append(g)
+        self, programs: list[Unit], reads: Reads
+    ) -> tuple[dict[tuple[int, int], tuple[Stack, dict[int, int]]], list[tuple[bool, bool]]]:
+        """The runs of the engine programs of each (length, n_read), and per pair whether its
+        clean and its counterfactual answer beat the family's other candidates."""
+        by_key: dict[tuple[int, int], list[int]] = {}
+        for i, u in enumerate(programs):
+            by_key.setdefault((len(u.clean_ids), u.n_read), []).append(i)
+        # The runs read every candidate's token at the compared position; the passes read
+        # the two answers' only.
+        width = max(len(read) for u in programs for read in u.reads)
         stacks = {}
+        choices: dict[int, tuple[bool, bool]] = {}
         device = self.lm.device
-        for n_tokens, members in by_length.items():
-            clean = torch.tensor([pairs[g][1].clean_ids for g in members], device=device)
-            cf = torch.tensor([pairs[g][1].cf_ids for g in members], device=device)
-            tokens = torch.tensor(
-                [[pairs[g][1].clean_answer_id, pairs[g][1].cf_answer_id] for g in members],
-                device=device,
+        for key, members in by_key.items():
+            mine = [programs[i] for i in members]
+            clean = torch.tensor([u.clean_ids for u in mine], device=device)
+            cf = torch.tensor([u.cf_ids for u in mine], device=device)
+            stack = self.engine.runs(clean, cf, tokens(mine, width, device), reads)
+            for s, u in enumerate(mine):
+                if u.role == "cf":
+                    continue
+                first = u.reads[0]
+                picked = slice(2, len(first))
+                at = (s,) if u.role == "pair" else (s, 0)
+                choices[u.source] = (
+                    choice(stack.clean_logits[at][picked].tolist(), first[2:], first[0]),
+                    choice(stack.cf_logits[at][picked].tolist(), first[2:], first[1]),
+                )
+            stack = dataclasses.replace(
+                stack,
+                tokens=stack.tokens[..., :2],
+                clean_logits=stack.clean_logits[..., :2],
+                cf_logits=stack.cf_logits[..., :2],
             )
-            stack = self.engine.runs(clean, cf, tokens, reads)
-            stacks[n_tokens] = (stack, {g: s for s, g in enumerate(members)})
-        return stacks
+            stacks[key] = (stack, {i: s for s, i in enumerate(members)})
+        return stacks, [choices[g] for g in sorted(choices)]
 
-    def _execute(self, plan: Plan, pairs) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        stacks = self._stacks(pairs, plan.reads)
+    def _execute(self, plan: Plan, pairs) -> tuple[list[Unit], Read, dict, list]:
+        programs = self._units(pairs)
+        stacks, choices = self._stacks(programs, plan.reads)
         auto = self.batch_size == "auto"
         splits = self.engine.stats.oom_splits
-        logits, top = run_plan(self.engine, plan, stacks, split_on_oom=auto)
+        read = run_plan(self.engine, plan, stacks, split_on_oom=auto)
         if auto and self.engine.stats.oom_splits > splits:
             # The footprint underestimated this device: plan the next waves with less.
             self.budget_bytes = max(1, self.budget_bytes // 2)
@@ -214,7 +264,7 @@ class Patcher:
                 self.lm.name,
                 self.budget_bytes / 2**20,
             )
-        return logits, top, stacks
+        return programs, read, stacks, choices
 
     def run(
         self,
@@ -222,11 +272,12 @@ class Patcher:
         sites: Sequence[str] = ("resid_pre",),
         layers: Sequence[int] | None = None,
         positions: str = "all",
+        answer_prefix: str = "",
     ) -> Iterator[Wave]:
         """Patch the programs, a wave of programs at a time (as many as the memory budget keeps
         at once); arguments as for `patch`. Yields each wave's plan and readouts."""
         _check_arguments(sites, positions)
-        pairs = self._encode(programs)
+        pairs = self._encode(programs, answer_prefix)
         if not pairs:
             self._plan(pairs, sites, layers, positions)  # the arguments' checks
             return
@@ -239,8 +290,7 @@ class Patcher:
             part = pairs[start : start + wave]
             plan = self._plan(part, sites, layers, positions)
             self.last_plan = plan
-            logits, top, stacks = self._execute(plan, part)
-            yield Wave(plan, part, logits, top, stacks)
+            yield Wave(plan, part, *self._execute(plan, part))
 
     def patch(
         self,
@@ -248,6 +298,7 @@ class Patcher:
         sites: Sequence[str] = ("resid_pre",),
         layers: Sequence[int] | None = None,
         positions: str = "all",
+        answer_prefix: str = "",
     ) -> pa.Table:
         """Patch every program at every (site, layer, position[, head]); one row per patch.
 
@@ -257,6 +308,8 @@ class Patcher:
             sites: any of `resid_pre`, `attn_head`, `mlp_out`.
             layers: layer indices (default: all).
             positions: `all` token positions, or only the labelled `targets`.
+            answer_prefix: the text between prompt and answer (`actors.answers`), or `auto`:
+                from the model's greedy next token, per program.
 
         Returns:
             A table in `PATCHING_SCHEMA`. Programs that cannot be patched with this tokenizer
@@ -268,8 +321,8 @@ class Patcher:
                 with an integer batch size, the first time a forward does not fit.
         """
         columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
-        for wave in self.run(programs, sites, layers, positions):
-            _append(columns, self.lm.name, wave)
+        for wave in self.run(programs, sites, layers, positions, answer_prefix):
+            append_rows(columns, self.lm.name, self.metric, wave, self.lm.tokenizer)
         return pa.table(columns, schema=PATCHING_SCHEMA)
 
 
@@ -279,49 +332,3 @@ def _check_arguments(sites: Sequence[str], positions: str) -> None:
         raise ValueError(f"unknown site(s) {bad}; the sites are {list(SITES)}")
     if positions not in ("all", "targets"):
         raise ValueError(f"positions={positions!r}; use all or targets")
-
-
-def _append(columns: dict[str, list], model: str, wave: Wave) -> None:
-    """Rows of one wave, in its plan's patch order."""
-    plan, pairs, stacks = wave.plan, wave.pairs, wave.stacks
-    patched = (wave.logits[:, 1] - wave.logits[:, 0]).tolist()
-    flipped = wave.top.tolist()
-    per_program = []
-    for g, (prog, pair) in enumerate(pairs):
-        stack, slot_of = stacks[len(pair.clean_ids)]
-        s = slot_of[g]
-        clean_ld = (stack.clean_logits[s, 1] - stack.clean_logits[s, 0]).item()
-        cf_ld = (stack.cf_logits[s, 1] - stack.cf_logits[s, 0]).item()
-        per_program.append(
-            {
-                "model": model,
-                "task": prog["task"],
-                "seq_len": prog["seq_len"],
-                "program": prog["index"],
-                "clean_answer": prog["answer"],
-                "cf_answer": prog["cf_answer"],
-                "clean_correct": int(stack.clean_top[s]) == pair.clean_answer_id,
-                "cf_correct": int(stack.cf_top[s]) == pair.cf_answer_id,
-                "clean_logit_diff": clean_ld,
-                "cf_logit_diff": cf_ld,
-            }
-        )
-    for i, patch in enumerate(plan.patches):
-        fixed = per_program[patch.program]
-        pair = pairs[patch.program][1]
-        for key, value in fixed.items():
-            columns[key].append(value)
-        columns["site"].append(patch.site)
-        columns["layer"].append(patch.layer)
-        columns["head"].append(patch.head)
-        columns["pos"].append(patch.pos)
-        columns["token"].append(pair.tokens[patch.pos])
-        columns["label"].append(pair.labels[patch.pos])
-        columns["patched_logit_diff"].append(patched[i])
-        denom = fixed["cf_logit_diff"] - fixed["clean_logit_diff"]
-        columns["norm_effect"].append(
-            (patched[i] - fixed["clean_logit_diff"]) / denom
-            if abs(denom) >= MIN_DENOMINATOR
-            else None
-        )
-        columns["flipped"].append(flipped[i] == pair.cf_answer_id)

@@ -3,28 +3,34 @@ those passes run. Plain data, built without a model, so that what the engine wil
 printed, compared and tested on its own (after pyvene's intervention-as-data).
 
 A patch puts the counterfactual activation at one (site, layer, position[, head]) into the clean
-run and asks for the last position's logits. Three facts of a causal decoder make most of that
-work unnecessary, and the plan applies each of them by name:
+run and asks for the logits at the program's *readout positions*, its last `n_read` (one for a
+single-token answer; for a multi-token answer under teacher forcing, the program is the prompt
+and the answer but its last token, and position j of the readout predicts answer token j). Every
+patched position is a prompt position, at or before the first readout position. Three facts of
+a causal decoder make most of the work unnecessary, and the plan applies each of them by name:
 
 * **No forward where nothing differs** (`Patch.free`). Before the first position where the two
   prompts' tokens differ, both runs compute the same activations (causal attention), so the
   patch is the clean run (`before_diff`). At layer 0 the residual stream is the embedding of the
   token, equal in both runs wherever the tokens agree (`same_token`). A head or MLP output at the
-  last layer, before the last position, is read by nothing that reaches the last position's
-  logits (`unread`).
+  last layer, before the first readout position, is read by nothing that reaches the readout
+  (`unread`).
 * **Only the suffix runs.** A patch at position p cannot change positions before p, so a pass
   feeds tokens p.. only, and reads the clean run's keys and values for positions < p from its
   cache.
 * **Rows join at their layer.** A patch at layer L cannot change layers below L, so its row
   enters the pass at layer L, with the clean residual stream as input: the batch grows as the
-  forward climbs. A head or MLP patch at layer L < last, position p < last, changes only the
-  residual of position p after layer L: a one-position *pre-pass* computes that residual, and the
-  row joins the main pass at layer L + 1 (`Entry.first == "carried"`).
+  forward climbs. A head or MLP patch at layer L < last changes only the residual of position p
+  after layer L: where the main pass would be wider than one position, a one-position
+  *pre-pass* computes that residual and the row joins the main pass at layer L + 1
+  (`Entry.first == "carried"`), saving width - 1 token-layers per row. With n_read > 1 this
+  includes the first readout position (its pass is n_read wide). At the last layer there is no
+  layer to join: the write happens inside the main pass.
 
-Rows of different programs share a pass when their programs have the same length and the patch
-the same position; each row reads its own program's clean cache. The plan also says what the
-clean and counterfactual runs must keep (`Plan.reads`), and what the passes cost
-(`Plan.cost`, token-layers; `flops`, floating-point operations from the model's shapes).
+Rows of different programs share a pass when their programs have the same `stack_key` (length,
+n_read) and the patch the same position; each row reads its own program's clean cache. The plan
+also says what the clean and counterfactual runs must keep (`Plan.reads`), and what the passes
+cost (`Plan.cost`, token-layers; `flops`, floating-point operations from the model's shapes).
 """
 
 import dataclasses
@@ -36,6 +42,7 @@ from typing import Literal
 Site = Literal["resid_pre", "attn_head", "mlp_out"]
 SITES: tuple[str, ...] = ("resid_pre", "attn_head", "mlp_out")
 Free = Literal["before_diff", "same_token", "unread"]
+StackKey = tuple[int, int]  # (n_tokens, n_read)
 First = Literal["clean", "cf", "carried"]
 Write = Literal["none", "head", "mlp"]
 
@@ -45,20 +52,34 @@ class ProgramShape:
     """What the planner needs of one tokenized clean/counterfactual pair.
 
     Attributes:
-        n_tokens: prompt length (both prompts have it).
+        n_tokens: program length (both prompts have it).
         diff: positions where the two prompts' tokens differ, ascending, at least one.
         positions: the positions to patch.
+        n_read: readout positions, `n_tokens - n_read ..`; diff and patch positions are at or
+            before the first (after it both programs hold the same, teacher-forced, answer).
     """
 
     n_tokens: int
     diff: tuple[int, ...]
     positions: tuple[int, ...]
+    n_read: int = 1
 
     def __post_init__(self) -> None:
         assert self.diff and list(self.diff) == sorted(set(self.diff)), f"diff={self.diff}"
-        assert all(0 <= p < self.n_tokens for p in (*self.diff, *self.positions)), (
-            f"positions {self.positions} or diff {self.diff} outside 0..{self.n_tokens - 1}"
+        assert 1 <= self.n_read <= self.n_tokens, f"n_read={self.n_read}, n_tokens={self.n_tokens}"
+        assert all(0 <= p <= self.first_read for p in (*self.diff, *self.positions)), (
+            f"positions {self.positions} or diff {self.diff} outside 0..{self.first_read} "
+            f"(n_tokens={self.n_tokens}, n_read={self.n_read})"
         )
+
+    @property
+    def first_read(self) -> int:
+        return self.n_tokens - self.n_read
+
+    @property
+    def stack_key(self) -> StackKey:
+        """(n_tokens, n_read): programs that share a stack of runs and passes."""
+        return self.n_tokens, self.n_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +120,15 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class Pass:
-    """One forward over positions `start..stop-1` of programs of `n_tokens` tokens.
+    """One forward over positions `start..stop-1` of programs of `n_tokens` tokens whose last
+    `n_read` positions are read out.
 
     The forward runs layers 0..`last_layer`; entries are sorted by layer, and each joins the
     batch at its layer. What the batch holds at layer `l`:
 
     * a main pass (`read == "logits"`): every entry with `layer <= l`, in order, since each row
-      needs the last position's logits;
+      needs the readout positions' logits (a main pass feeds them all: `stop == n_tokens`,
+      `start <= n_tokens - n_read`);
     * a pre-pass (`read == "layer_out"`): only the entries with `layer == l`, since each row is
       read at its own layer (its output at position `start`, later `carried`) and then leaves.
 
@@ -120,6 +143,7 @@ class Pass:
     last_layer: int
     read: Literal["logits", "layer_out"]
     entries: tuple[Entry, ...]
+    n_read: int = 1
 
     def __post_init__(self) -> None:
         layers = [e.layer for e in self.entries]
@@ -127,6 +151,13 @@ class Pass:
         assert 0 <= self.start < self.stop <= self.n_tokens, (self.start, self.stop)
         assert layers[-1] <= self.last_layer, f"entry at {layers[-1]} > last {self.last_layer}"
         assert self.read == "logits" or self.width == 1, "a pre-pass feeds one position"
+        assert self.read == "layer_out" or (
+            self.stop == self.n_tokens and self.width >= self.n_read
+        ), f"main pass {self.start}..{self.stop - 1} must feed the last {self.n_read} positions"
+
+    @property
+    def stack_key(self) -> StackKey:
+        return self.n_tokens, self.n_read
 
     @property
     def width(self) -> int:
@@ -189,7 +220,9 @@ class Reads:
 
 @dataclasses.dataclass(frozen=True)
 class Cost:
-    """What a plan computes. `runs`: the clean and counterfactual forwards (token-layers)."""
+    """What a plan computes. `runs`: the clean and counterfactual forwards (token-layers);
+    `readout_rows`: hidden states through the vocabulary readout (n_read per main-pass row,
+    n_read per program and run)."""
 
     patches: int
     free: int
@@ -197,14 +230,15 @@ class Cost:
     pre_passes: int
     token_layers: int
     runs: int
+    readout_rows: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Every patch of a set of programs, and the passes that compute the ones not free.
 
-    Passes come in execution order: for each (program length, position), its pre-passes, then
-    the main passes that need their outputs.
+    Passes come in execution order: for each (program length, n_read, position), its
+    pre-passes, then the main passes that need their outputs.
     """
 
     n_layers: int
@@ -237,6 +271,8 @@ class Plan:
             pre_passes=sum(p.read == "layer_out" for p in self.passes),
             token_layers=sum(p.token_layers() for p in self.passes),
             runs=2 * self.n_layers * sum(s.n_tokens for s in self.programs),
+            readout_rows=sum(len(p.entries) * p.n_read for p in self.passes if p.read == "logits")
+            + 2 * sum(s.n_read for s in self.programs),
         )
 
     def describe(self) -> str:
@@ -248,9 +284,10 @@ class Plan:
             f"token-layers: passes {c.token_layers:,}, clean/cf runs {c.runs:,}",
         ]
         for ps in sorted(self.passes, key=lambda p: -p.token_layers())[:3]:
+            read = f" x {ps.n_read} positions" if ps.n_read > 1 else ""
             lines.append(
                 f"  pass T={ps.n_tokens} positions {ps.start}..{ps.stop - 1} layers "
-                f"{ps.first_layer}..{ps.last_layer} rows {len(ps.entries)} read {ps.read}"
+                f"{ps.first_layer}..{ps.last_layer} rows {len(ps.entries)} read {ps.read}{read}"
             )
         return "\n".join(lines)
 
@@ -264,7 +301,7 @@ def _free(shape: ProgramShape, n_layers: int, site: str, layer: int, pos: int) -
         return "before_diff"
     if site == "resid_pre" and layer == 0 and pos not in shape.diff:
         return "same_token"
-    if site != "resid_pre" and layer == n_layers - 1 and pos < shape.n_tokens - 1:
+    if site != "resid_pre" and layer == n_layers - 1 and pos < shape.first_read:
         return "unread"
     return None
 
@@ -339,34 +376,34 @@ def build_plan(
     if out_of_range:
         raise ValueError(f"layers {out_of_range} out of range: the model has 0..{n_layers - 1}")
     patches = list_patches(programs, sites, layers, n_layers, n_heads)
-    pre: dict[tuple[int, int], list[Entry]] = {}
-    main: dict[tuple[int, int], list[Entry]] = {}
+    pre: dict[tuple[int, int, int], list[Entry]] = {}
+    main: dict[tuple[int, int, int], list[Entry]] = {}
     for i, patch in enumerate(patches):
         if patch.free is not None:
             continue
-        n_tokens = programs[patch.program].n_tokens
-        key = (n_tokens, patch.pos)
+        shape = programs[patch.program]
+        key = (*shape.stack_key, patch.pos)
         write: Write = {"attn_head": "head", "mlp_out": "mlp"}.get(patch.site, "none")
         if write == "none":
             main.setdefault(key, []).append(Entry(i, patch.layer, "cf"))
-        elif patch.pos == n_tokens - 1:
-            # At the last position the pre-pass would be the whole pass.
+        elif patch.pos == shape.n_tokens - 1 or patch.layer == n_layers - 1:
+            # At the last position the pre-pass would be the whole pass; at the last layer
+            # (the first readout position, else it is free) there is no layer to carry it to.
             main.setdefault(key, []).append(Entry(i, patch.layer, "clean", write))
         else:
-            assert patch.layer < n_layers - 1, f"{patch} should be free (unread)"
             pre.setdefault(key, []).append(Entry(i, patch.layer, "clean", write))
             main.setdefault(key, []).append(Entry(i, patch.layer + 1, "carried"))
     passes: list[Pass] = []
-    for n_tokens, pos in sorted(set(pre) | set(main)):
-        key = (n_tokens, pos)
+    for key in sorted(set(pre) | set(main)):
+        n_tokens, n_read, pos = key
         if key in pre:
             limit = max(1, row_limit(1, pos + 1))
             for chunk in _pre_chunks(pre[key], limit):
                 last = chunk[-1].layer
-                passes.append(Pass(n_tokens, pos, pos + 1, last, "layer_out", chunk))
+                passes.append(Pass(n_tokens, pos, pos + 1, last, "layer_out", chunk, n_read))
         limit = max(1, row_limit(n_tokens - pos, n_tokens))
         for chunk in _chunks(main[key], limit):
-            passes.append(Pass(n_tokens, pos, n_tokens, n_layers - 1, "logits", chunk))
+            passes.append(Pass(n_tokens, pos, n_tokens, n_layers - 1, "logits", chunk, n_read))
     return Plan(
         n_layers,
         n_heads,
@@ -386,7 +423,7 @@ class Dims:
         linear_params: weights of one decoder layer's matrix multiplies (attention and MLP
             projections), so one token through one layer costs `2 * linear_params` FLOPs.
         late_params: the part of `linear_params` after attention (output projection and MLP):
-            in a main pass's last layer it runs on the last position alone.
+            in a main pass's last layer it runs on the readout positions alone.
         attn_width: n_heads * d_head (query-key and attention-value products per key).
         d_model / vocab: the readout's matrix.
     """
@@ -411,23 +448,24 @@ def pass_flops(ps: Pass, dims: Dims) -> int:
     for layer in range(ps.last_layer + 1):
         rows = ps.batch(layer)
         total += 2 * dims.linear_params * rows * ps.width + 4 * dims.attn_width * rows * keys
-    if ps.read == "logits" and ps.width > 1:
-        # The last layer's output projection and MLP run on the last position alone.
-        total -= 2 * dims.late_params * ps.batch(ps.last_layer) * (ps.width - 1)
+    if ps.read == "logits" and ps.width > ps.n_read:
+        # The last layer's output projection and MLP run on the readout positions alone.
+        total -= 2 * dims.late_params * ps.batch(ps.last_layer) * (ps.width - ps.n_read)
     if ps.read == "logits":
-        total += 2 * dims.d_model * dims.vocab * len(ps.entries)
+        total += 2 * dims.d_model * dims.vocab * len(ps.entries) * ps.n_read
     return total
 
 
 def flops(plan: Plan, dims: Dims) -> dict[str, int]:
-    """FLOPs of the plan's passes and of the clean/counterfactual runs (last-position readout)."""
+    """FLOPs of the plan's passes and of the clean/counterfactual runs (readout at n_read
+    positions)."""
     runs = 0
     for shape in plan.programs:
         per_run = dims.n_layers * (
             2 * dims.linear_params * shape.n_tokens
             + 4 * dims.attn_width * _attention_keys(0, shape.n_tokens)
         )
-        runs += 2 * (per_run + 2 * dims.d_model * dims.vocab)
+        runs += 2 * (per_run + 2 * dims.d_model * dims.vocab * shape.n_read)
     return {"passes": sum(pass_flops(p, dims) for p in plan.passes), "runs": runs}
 
 

@@ -1,8 +1,9 @@
 """From a program's character spans to token positions, labels and answer tokens, per tokenizer.
 
 Programs carry tokenizer-free character spans (DESIGN: Programs); each model maps them through its
-own tokenizer's offsets. A clean/counterfactual pair is usable for patching only when both
-texts tokenize to the same length and the two answers begin with different tokens; otherwise
+own tokenizer's offsets. What is appended to the prompts and which answer tokens are compared
+is `actors.answers`' rule. A clean/counterfactual pair is usable for patching only when both
+texts tokenize to the same length and some token tells the answers apart; otherwise
 `encode_pair` returns a `Skip` with the reason, which the caller records.
 """
 
@@ -12,6 +13,8 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from actors.answers import Question, Skip, ask, continuation
+from orchestrator.tasks import get_family
 from orchestrator.tasks.base import Program
 
 Positions = Literal["all", "targets"]
@@ -23,13 +26,18 @@ class EncodedPair:
     """One program ready to patch.
 
     Attributes:
-        clean_ids / cf_ids: token ids of the prompts (same length).
-        clean_answer_id / cf_answer_id: first token of each answer after its prompt.
+        clean_ids / cf_ids: token ids of the inputs (same length): each prompt followed by
+            the tokens appended before the compared answer tokens (`prefix`).
+        clean_answer_id / cf_answer_id: the compared tokens: the first at which the answers,
+            as the tokenizer writes them after the prompt, differ.
         labels: one label per position (`ref_depth_k_rhs`, `query_var`, `final_colon`,
-            `cf_const`, or `other`).
+            `cf_const`, or `other`; appended positions are `other`).
         tokens: the decoded token at each position.
         diff: the positions where the prompts' tokens differ (ascending); activations before
             the first are identical in the two runs.
+        prefix: the text of the appended tokens (the `answer_prefix` column).
+        clean_answer_ids / cf_answer_ids: each answer's tokens from the compared one on.
+        candidates: the tokens the family's answers continue with after the inputs.
     """
 
     clean_ids: list[int]
@@ -39,6 +47,10 @@ class EncodedPair:
     labels: list[str]
     tokens: list[str]
     diff: list[int]
+    prefix: str = ""
+    clean_answer_ids: tuple[int, ...] = ()
+    cf_answer_ids: tuple[int, ...] = ()
+    candidates: tuple[int, ...] = ()
 
     @property
     def first_diff(self) -> int:
@@ -51,27 +63,9 @@ class EncodedPair:
         return [i for i, label in enumerate(self.labels) if label != OTHER]
 
 
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """A program that cannot be patched with this tokenizer, and why."""
-
-    reason: str
-
-
 def answer_token(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> int:
-    """The first token the model must produce after `prompt` to write `answer`.
-
-    Tokenizes the prompt with and without the answer appended and takes the first token past
-    the prompt, so that merges at the boundary (BPE) are the tokenizer's own.
-    """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(prompt + answer)["input_ids"]
-    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-        return full_ids[len(prompt_ids)]
-    # The answer merged into the prompt's last token; fall back to the answer on its own.
-    alone = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    assert alone, f"answer {answer!r} tokenizes to nothing"
-    return alone[0]
+    """The first token the model must produce after `prompt` to write `answer`."""
+    return continuation(tokenizer, tokenizer(prompt)["input_ids"], prompt, answer)[0]
 
 
 def label_positions(
@@ -101,37 +95,66 @@ def encode_pair(
     clean_answer: str,
     cf_answer: str,
     spans: Mapping[str, Sequence[int]],
+    candidates: Sequence[str] | None = None,
+    prefix: str = "",
 ) -> EncodedPair | Skip:
-    """Tokenize a clean/counterfactual pair and map its spans onto token positions."""
-    enc = tokenizer(clean, return_offsets_mapping=True)
-    cf_ids = tokenizer(cf)["input_ids"]
-    clean_ids = enc["input_ids"]
-    if len(clean_ids) != len(cf_ids):
-        return Skip(
-            f"clean and counterfactual tokenize to {len(clean_ids)} and {len(cf_ids)} tokens"
-        )
-    diffs = [i for i, (a, b) in enumerate(zip(clean_ids, cf_ids, strict=True)) if a != b]
+    """Tokenize a clean/counterfactual pair, ask it as `actors.answers.ask` does, and map its
+    spans onto token positions.
+
+    Args:
+        candidates: every answer of the family (default: the two answers).
+        prefix: the text between prompt and answer, already resolved from `auto`.
+    """
+    question = ask(
+        tokenizer,
+        clean,
+        cf,
+        clean_answer,
+        cf_answer,
+        candidates or (clean_answer, cf_answer),
+        prefix,
+    )
+    if isinstance(question, Skip):
+        return question
+    diffs = [
+        i
+        for i, (a, b) in enumerate(zip(question.clean_ids, question.cf_ids, strict=True))
+        if a != b
+    ]
     if not diffs:
         return Skip("clean and counterfactual prompts tokenize identically")
-    clean_tok = answer_token(tokenizer, clean, clean_answer)
-    cf_tok = answer_token(tokenizer, cf, cf_answer)
-    if clean_tok == cf_tok:
-        return Skip(f"answers {clean_answer!r} and {cf_answer!r} start with the same token")
+    return _pair(tokenizer, clean, spans, question, diffs)
+
+
+def _pair(
+    tokenizer: PreTrainedTokenizerBase,
+    clean: str,
+    spans: Mapping[str, Sequence[int]],
+    question: Question,
+    diffs: list[int],
+) -> EncodedPair:
+    offsets = tokenizer(clean, return_offsets_mapping=True)["offset_mapping"]
+    labels = label_positions(offsets, spans) + [OTHER] * len(question.prefix_ids)
     return EncodedPair(
-        clean_ids=clean_ids,
-        cf_ids=cf_ids,
-        clean_answer_id=clean_tok,
-        cf_answer_id=cf_tok,
-        labels=label_positions(enc["offset_mapping"], spans),
-        tokens=[tokenizer.decode([t]) for t in clean_ids],
+        clean_ids=question.clean_ids,
+        cf_ids=question.cf_ids,
+        clean_answer_id=question.clean_answer[0],
+        cf_answer_id=question.cf_answer[0],
+        labels=labels,
+        tokens=[tokenizer.decode([t]) for t in question.clean_ids],
         diff=diffs,
+        prefix=question.prefix,
+        clean_answer_ids=tuple(question.clean_answer),
+        cf_answer_ids=tuple(question.cf_answer),
+        candidates=tuple(question.candidates),
     )
 
 
 def encode_program(
-    tokenizer: PreTrainedTokenizerBase, program: Program | Mapping
+    tokenizer: PreTrainedTokenizerBase, program: Program | Mapping, prefix: str = ""
 ) -> EncodedPair | Skip:
-    """`encode_pair` on a program with a counterfactual (a `Program` or its `to_dict()`)."""
+    """`encode_pair` on a program with a counterfactual (a `Program` or its `to_dict()`), its
+    family's candidates, and `prefix` (already resolved from `auto`)."""
     prog = program if isinstance(program, Mapping) else program.to_dict()
     if prog.get("cf_text") is None:
         raise ValueError(
@@ -146,4 +169,6 @@ def encode_program(
         prog["answer"],
         prog["cf_answer"],
         prog["spans"],
+        get_family(prog["task"]).candidates,
+        prefix,
     )

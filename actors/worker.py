@@ -119,7 +119,7 @@ class ModelWorker:
         programs = self.programs(shard)
         skipped = SKIPPED_SCHEMA.empty_table()
         if shard.kind == "behavior":
-            table = self._behavior(programs)
+            table = self._behavior(programs, shard)
         else:
             table, skipped = self._patching(shard, programs)
         return ShardResult(
@@ -131,7 +131,10 @@ class ModelWorker:
             node_id=_node_id(),
         )
 
-    def _behavior(self, programs: list[Program]) -> pa.Table:
+    def _prefix(self, shard: Shard) -> str:
+        return self.config.answer_prefix.get(shard.task, "auto")
+
+    def _behavior(self, programs: list[Program], shard: Shard) -> pa.Table:
         if self._scorer is None:
             b = self.config.behavior
             assert b is not None, "a behaviour shard reached a worker without behaviour settings"
@@ -139,7 +142,7 @@ class ModelWorker:
                 self._scorer = VLLMScorer(self.config.model.id, b.template, b.max_new_tokens)
             else:
                 self._scorer = HFScorer(self._load(), b.template, b.batch_size, b.max_new_tokens)
-        return self._scorer.score(programs)
+        return self._scorer.score(programs, self._prefix(shard))
 
     def _patch(self, patcher: Patcher, programs: list[Program], shard: Shard) -> pa.Table:
         """One attempt at the shard with the patcher's current batch size (tests override this
@@ -151,13 +154,14 @@ class ModelWorker:
             sites=[shard.site],
             layers=list(shard.layers),
             positions=self.config.patching.positions,
+            answer_prefix=self._prefix(shard),
         )
 
     def _patching(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
         spec = self.config.patching
         assert spec is not None, "a patching shard reached a worker without patching settings"
         if self._patcher is None:
-            self._patcher = Patcher(self._load(), batch_size=spec.batch_size)
+            self._patcher = Patcher(self._load(), batch_size=spec.batch_size, metric=spec.metric)
         patcher = self._patcher
         batch = spec.batch_size
         while True:

@@ -1,6 +1,8 @@
 """Summarise a run, query it in SQL, and draw its charts.
 
-python -m analysis RESULTS_DIR                 # summary tables + charts in RESULTS_DIR/charts
+python -m analysis RESULTS_DIR                 # summary tables, the prompt check (is the
+                                               # compared token the answer's?), charts in
+                                               # RESULTS_DIR/charts
 python -m analysis RESULTS_DIR --sql "SELECT model, avg(correct::INT) FROM behavior GROUP BY 1"
 python -m analysis RESULTS_DIR --shell         # type SQL at a prompt; views: programs,
                                                # behavior, patching, skipped
@@ -13,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from analysis import charts, queries
+from analysis import charts, prompts, queries
 from analysis.db import connect
 
 CHARTS = {
@@ -45,19 +47,24 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
             "accuracy by model x task x program length\n" + show(table.reset_index(), "table")
         )
     top = queries.run(con, queries.TOP_CELLS, include_all=include_all, k=5)
-    if len(top):
-        cover = queries.run(con, queries.COVERAGE, include_all=include_all).iloc[0]
-        kept = (
-            "all programs"
-            if include_all
-            else (
-                f"{cover.programs_kept} of {cover.programs_all} programs: right in both runs, "
-                "not heuristic; --include-all keeps all"
-            )
+    cover = queries.run(con, queries.COVERAGE, include_all=include_all).iloc[0]
+    kept = (
+        "all programs"
+        if include_all
+        else (
+            f"{queries.KEPT_DESCRIPTION}: {cover.programs_kept} of {cover.programs_all}; "
+            "--include-all keeps all"
         )
+    )
+    if len(top):
         out.append(
             f"top (site, layer, label) cells by mean norm_effect ({kept})\n" + show(top, "table")
         )
+    elif cover.rows_all:  # every program filtered out: say so, the prompt check says why
+        out.append(f"top (site, layer, label) cells: none ({kept})")
+    check = prompts.prompt_check(con)
+    if check:
+        out.append(prompts.format_prompt_check(check))
     return "\n\n".join(out) or "no results yet"
 
 

@@ -2,7 +2,8 @@
 
 Reads only complete shard files (the writers rename into place; temporaries live in `.tmp/`,
 outside these globs), so it works on a run that is still being written. Schemas are unioned by
-name, so runs written by different versions read together.
+name, and every view has every column of `EMPTY` (older files read NULL where they lack one), so
+runs written by different versions read together.
 
 The folders are hive-partitioned (`model=<m>/site=<s>`), but the path holds the model id
 *escaped* for file names (`Qwen--Qwen3-0.6B`), while every file carries the real values of its
@@ -15,20 +16,30 @@ from pathlib import Path
 
 import duckdb
 
-# Columns of each view when no file exists yet, so that queries run (and return nothing).
+# Columns of each view when no file exists yet, so that queries run (and return nothing). Files of
+# older runs that lack some of them read with those columns NULL (see `RENAMED` for the two that
+# changed name), so one query serves runs written by every version.
 EMPTY = {
     "programs": "task VARCHAR, seq_len INTEGER, program BIGINT, text VARCHAR, answer VARCHAR, "
     "query VARCHAR, cf_text VARCHAR, cf_answer VARCHAR, depth INTEGER, root_line INTEGER, "
     "heuristic BOOLEAN, spans MAP(VARCHAR, INTEGER[])",
     "behavior": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, depth INTEGER, "
     "heuristic BOOLEAN, expected VARCHAR, predicted VARCHAR, correct BOOLEAN, backend VARCHAR, "
-    "method VARCHAR",
+    "method VARCHAR, answer_prefix VARCHAR, top1 VARCHAR, top1_candidate BOOLEAN, "
+    "top1_correct BOOLEAN, choice_correct BOOLEAN",
     "patching": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, site VARCHAR, "
     "layer INTEGER, head INTEGER, pos INTEGER, token VARCHAR, label VARCHAR, "
-    "clean_answer VARCHAR, cf_answer VARCHAR, clean_correct BOOLEAN, cf_correct BOOLEAN, "
+    "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, metric VARCHAR, "
+    "top1 VARCHAR, top1_candidate BOOLEAN, top1_correct BOOLEAN, choice_correct BOOLEAN, "
+    "cf_top1_correct BOOLEAN, cf_choice_correct BOOLEAN, "
     "clean_logit_diff FLOAT, cf_logit_diff FLOAT, patched_logit_diff FLOAT, norm_effect FLOAT, "
     "flipped BOOLEAN",
     "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR",
+}
+# Columns that older runs wrote under another name with the same meaning: the clean and the
+# counterfactual run's top-1 over the whole vocabulary is the answer's token.
+RENAMED = {
+    "patching": {"top1_correct": "clean_correct", "cf_top1_correct": "cf_correct"},
 }
 GLOBS = {
     "programs": "programs.parquet",
@@ -62,7 +73,37 @@ def connect(results: str | Path, threads: int | None = None) -> duckdb.DuckDBPyC
                 f"read_parquet({_sql_string(str(root / pattern))}, "
                 "union_by_name = true, hive_partitioning = false)"
             )
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {source}")
+            con.execute(f"CREATE VIEW {view} AS {_complete(con, view, source)}")
         else:
             con.execute(f"CREATE TABLE {view} ({EMPTY[view]})")
     return con
+
+
+def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    """Column name -> type of a query or table."""
+    return {row[0]: row[1] for row in con.execute(f"DESCRIBE {relation}").fetchall()}
+
+
+def _complete(con: duckdb.DuckDBPyConnection, view: str, source: str) -> str:
+    """`SELECT` over `source` with every column of `EMPTY[view]`: a column the files lack reads
+    as NULL, or as its old name's values (`RENAMED`); where files of both versions are read
+    together, the new column falls back to the old one row by row."""
+    con.execute(f"CREATE TEMP TABLE _shape ({EMPTY[view]})")
+    try:
+        wanted = _columns(con, "_shape")
+    finally:
+        con.execute("DROP TABLE _shape")
+    have = _columns(con, f"SELECT * FROM {source}")
+    renamed = RENAMED.get(view, {})
+    replace, extra = [], []
+    for name, kind in wanted.items():
+        old = renamed.get(name)
+        if name in have:
+            if old in have:
+                replace.append(f"coalesce({name}, {old}) AS {name}")
+        elif old in have:
+            extra.append(f"{old} AS {name}")
+        else:
+            extra.append(f"NULL::{kind} AS {name}")
+    star = f"* REPLACE ({', '.join(replace)})" if replace else "*"
+    return f"SELECT {', '.join([star, *extra])} FROM {source}"

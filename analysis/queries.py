@@ -1,8 +1,9 @@
 """The aggregates behind the summary and the charts, as named SQL over the views of `db.py`.
 
-Patching aggregates read `kept`: by default only programs the model answers right in both the
-clean and the counterfactual run, and not heuristic ones (root value on line 1 or 2), as the
-method says; `$include_all = true` keeps every program.
+Patching aggregates read `kept`: by default only programs whose top-1 token over the whole
+vocabulary is the answer's in both the clean and the counterfactual run (`top1_correct`,
+`cf_top1_correct`), and not heuristic ones (root value on line 1 or 2), as the method says;
+`$include_all = true` keeps every program. `KEPT_DESCRIPTION` says so in words for the summary.
 """
 
 import duckdb
@@ -14,9 +15,14 @@ WITH kept AS (
     FROM patching AS p
     LEFT JOIN programs AS g USING (task, seq_len, program)
     WHERE $include_all
-       OR (p.clean_correct AND p.cf_correct AND NOT coalesce(g.heuristic, false))
+       OR (p.top1_correct AND p.cf_top1_correct AND NOT coalesce(g.heuristic, false))
 )
 """
+
+KEPT_DESCRIPTION = (
+    "programs whose top-1 is the answer in both runs (top1_correct, cf_top1_correct), "
+    "root not on line 1-2"
+)
 
 ACCURACY_BY_LENGTH = """
 SELECT model, task, seq_len, avg(correct::INTEGER) AS accuracy, count(*) AS n

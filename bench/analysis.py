@@ -51,8 +51,8 @@ def synthetic(n: int, seed: int, model: str, n_programs: int = 1000) -> pa.Table
             "label": pa.array(
                 np.array(LABELS)[rng.integers(0, len(LABELS), n)]
             ).dictionary_encode(),
-            "clean_correct": pa.array(rng.random(n) < 0.9),
-            "cf_correct": pa.array(rng.random(n) < 0.9),
+            "top1_correct": pa.array(rng.random(n) < 0.9),
+            "cf_top1_correct": pa.array(rng.random(n) < 0.9),
             "norm_effect": pa.array(effect),
             "flipped": pa.array(effect > 0.5),
         }

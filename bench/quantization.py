@@ -54,7 +54,7 @@ def main() -> int:
         both = table.norm_effect.notna() & reference.norm_effect.notna()
         d_effect = np.abs(table.norm_effect[both] - reference.norm_effect[both])
         corr = np.corrcoef(table.patched_logit_diff, reference.patched_logit_diff)[0, 1]
-        acc = table.groupby("program").clean_correct.first().mean()
+        acc = table.groupby("program").top1_correct.first().mean()
         finite = np.isfinite(table.patched_logit_diff).all()
         print(
             f"{lm.quantization:>10} {lm.weight_bytes / 2**20:>12.2f} {acc:>10.2f} "

@@ -1,24 +1,35 @@
 """The orchestrator's command line.
 
     python -m orchestrator SPEC [--address A] [--output DIR] [--fresh | --extend] [--dry-run]
+    python -m orchestrator SPEC --check-prompts N [--address A]
     python -m orchestrator status RUN_DIR
 
-Running a sweep prints the plan, one progress bar over shards, then where the results are and
-the command that summarises them. Exit status: 0 every shard done; 1 some shards failed (see
-failures.jsonl) or a result could not be written; 2 a bad spec, bad arguments, a run folder of
-another spec, or a folder another driver holds (nothing written); 3 the cluster was lost
-(`run.json`: interrupted); 130 stopped by Ctrl-C or SIGTERM (`run.json`: interrupted). After 3
-or 130, rerunning the same command finishes the rest.
+Running a sweep prints the plan, one progress bar over shards, then the prompt check (see
+`analysis.prompts`), where the results are and the command that summarises them. Exit status:
+0 every shard done; 1 some shards failed (see failures.jsonl) or a result could not be written;
+2 a bad spec, bad arguments, a run folder of another spec, or a folder another driver holds
+(nothing written); 3 the cluster was lost (`run.json`: interrupted); 130 stopped by Ctrl-C or
+SIGTERM (`run.json`: interrupted). After 3 or 130, rerunning the same command finishes the rest.
+
+`--check-prompts N`, before a long sweep: N programs of each length of each task of the spec,
+on each of its models, through behaviour only (the spec's `behavior` settings, or the defaults
+where it has none), in a temporary folder that is removed afterwards (the spec's run folder is
+never touched); then the prompt check's table. Exit 0 when no (model, task) has more than
+`WRONG_PROMPT_SHARE` of its programs' top-1 outside the task's candidate answers, 1 when some
+has (or a behaviour shard failed), 2 for a bad spec or arguments, 3 or 130 as above.
 
 `status` exits 0 when every shard is done, 1 when some failed, 3 when some are missing, 2 when
 the folder is not a run.
 """
 
 import argparse
+import copy
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -43,6 +54,15 @@ def _run_parser() -> argparse.ArgumentParser:
         "folder of the spec it extends, keeping every finished shard",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument(
+        "--check-prompts",
+        type=int,
+        metavar="N",
+        help="before a sweep: score N programs of each length of each task on each model "
+        "(behaviour only, in a temporary folder; the run folder is not touched) and print, "
+        "per (model, task), the share whose top-1 token is none of the task's answers; exit 1 "
+        "when some share is above 20%%",  # analysis.prompts.WRONG_PROMPT_SHARE (a test checks)
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs for an embedded local Ray")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     return p
@@ -72,6 +92,84 @@ def status_main(argv: list[str]) -> int:
     return st.exit_code()
 
 
+def check_prompts_spec(data: dict[str, Any], n: int, output: Path) -> dict[str, Any]:
+    """The spec `--check-prompts N` runs, derived from the user's (parsed YAML, validated).
+
+    Every task with `n` programs per length; behaviour only, with the spec's behaviour settings
+    (or `behavior: {}`'s defaults) but on every task and `n` programs a shard; the run named
+    `<run>-check-prompts` under `output`. Everything else (models, their options, seed,
+    resources) as the user wrote it.
+    """
+    derived = copy.deepcopy(data)
+    derived["run"] = f"{data['run']}-check-prompts"
+    derived["output"] = str(output)
+    derived["tasks"] = [{**task, "n": n} for task in data["tasks"]]
+    behavior = dict((data.get("experiments") or {}).get("behavior") or {})
+    behavior.pop("tasks", None)
+    behavior["programs_per_shard"] = n
+    derived["experiments"] = {"behavior": behavior}
+    return derived
+
+
+def check_prompts_main(args: argparse.Namespace, worker_cls: type, worker_args: tuple) -> int:
+    """`--check-prompts N`: the derived behaviour run in a temporary folder, then the table.
+
+    Returns:
+        0 no (model, task) above `WRONG_PROMPT_SHARE`; 1 some (or a shard failed); else the
+        sweep's own exit status (2 bad spec, 3 cluster lost, 130 interrupted).
+    """
+    import yaml
+
+    from analysis.prompts import WRONG_PROMPT_SHARE, format_prompt_check, suspect
+    from orchestrator.checks import check_backends, check_models
+    from orchestrator.spec import SpecError, load_spec
+    from orchestrator.sweep import EXIT_COMPLETE, EXIT_FAILED, EXIT_REFUSED, Sweep
+
+    try:  # the user's spec first, so that its problems name its file
+        spec = load_spec(args.spec)
+        check_models(spec, args.spec)
+        check_backends(spec, args.spec)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_REFUSED
+    data = yaml.safe_load(args.spec.read_text())
+    models = len(spec.models)
+    print(
+        f"check-prompts: {args.check_prompts} programs of each length of each task on "
+        f"{models} model{'s' * (models != 1)}, behaviour only, in a temporary folder "
+        f"({spec.results_dir(args.output)} is not touched)"
+    )
+    with tempfile.TemporaryDirectory(prefix="check-prompts-") as tmp:
+        path = Path(tmp) / "spec.yaml"
+        derived = check_prompts_spec(data, args.check_prompts, Path(tmp) / "results")
+        path.write_text(yaml.safe_dump(derived, sort_keys=False))
+        run_args = argparse.Namespace(
+            **{**vars(args), "spec": path, "output": None, "fresh": False, "extend": False}
+        )
+        sweep = Sweep(run_args, worker_cls, worker_args, quiet=True)
+        code = sweep.main()
+        rows = sweep.prompt_check
+    if rows:
+        print(format_prompt_check(rows))
+    if code != EXIT_COMPLETE:
+        print(
+            f"check-prompts: the behaviour run did not complete (exit {code}); the table covers "
+            "the programs that were scored",
+            file=sys.stderr,
+        )
+        return code
+    if rows is None:
+        print("check-prompts: the prompt check failed (see the warning above)", file=sys.stderr)
+        return EXIT_FAILED
+    if not rows:
+        print("check-prompts: no behaviour rows were written; nothing to check", file=sys.stderr)
+        return EXIT_FAILED
+    if suspect(rows):
+        return EXIT_FAILED
+    print(f"check-prompts: no (model, task) above {WRONG_PROMPT_SHARE:.0%}")
+    return EXIT_COMPLETE
+
+
 def main(
     argv: list[str] | None = None, worker_cls: type | None = None, worker_args: tuple = ()
 ) -> int:
@@ -89,7 +187,17 @@ def main(
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "status":
         return status_main(argv[1:])
-    args = _run_parser().parse_args(argv)
+    parser = _run_parser()
+    args = parser.parse_args(argv)
+    if args.check_prompts is not None:
+        if args.check_prompts < 1:
+            parser.error(f"--check-prompts {args.check_prompts}: give a number of programs >= 1")
+        flags = {"fresh": "--fresh", "extend": "--extend", "dry_run": "--dry-run"}
+        clash = [flag for key, flag in flags.items() if getattr(args, key)]
+        if clash:
+            parser.error(
+                f"--check-prompts runs in a temporary folder of its own; drop {', '.join(clash)}"
+            )
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -100,6 +208,8 @@ def main(
         from actors.worker import ModelWorker
 
         worker_cls = ModelWorker
+    if args.check_prompts is not None:
+        return check_prompts_main(args, worker_cls, worker_args)
     return Sweep(args, worker_cls, worker_args).main()
 
 

@@ -2,7 +2,8 @@
 
 The identity is everything that decides the folder's rows: the seed; each family's lengths,
 count and options; each model's dtype and quantization; each experiment's row-deciding settings
-(template, backend, positions, sites, layers, tasks) and its shard layout (programs and layers
+(template, backend, positions, metric, sites, layers, tasks), each model's answer prefix per
+task, and its shard layout (programs and layers
 per shard: a different layout gives different shard files over the same programs). It leaves
 out what only decides how fast rows come (batch sizes, resources) and where they go (`output`,
 `run`). Order does not matter: lists that are sets are sorted.
@@ -34,7 +35,14 @@ def identity(spec: Spec) -> dict[str, Any]:
             t.family: {"seq_lens": sorted(t.seq_lens), "n": t.n, "options": dict(t.options)}
             for t in spec.tasks
         },
-        "models": {m.id: {"dtype": m.dtype, "quantization": m.quantization} for m in spec.models},
+        "models": {
+            m.id: {
+                "dtype": m.dtype,
+                "quantization": m.quantization,
+                "answer_prefix": {t.family: spec.answer_prefix(m.id, t.family) for t in spec.tasks},
+            }
+            for m in spec.models
+        },
         "behavior": None
         if behavior is None
         else {
@@ -51,6 +59,7 @@ def identity(spec: Spec) -> dict[str, Any]:
             "layers": None if patching.layers is None else sorted(set(patching.layers)),
             "layers_per_shard": patching.layers_per_shard,
             "positions": patching.positions,
+            "metric": patching.metric,
             "programs_per_shard": patching.programs_per_shard,
             "tasks": None if patching.tasks is None else sorted(set(patching.tasks)),
         },

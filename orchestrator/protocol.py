@@ -72,6 +72,7 @@ class WorkerConfig:
         patching: the patching settings, or None when the sweep patches nothing.
         seed: the sweep seed (programs are regenerated from it).
         task_options: family -> generator options.
+        answer_prefix: family -> the answer prefix on this model (a string or `auto`).
         threads: torch CPU threads for the actor (None: leave torch's default).
     """
 
@@ -80,6 +81,7 @@ class WorkerConfig:
     patching: PatchingSpec | None
     seed: int
     task_options: Mapping[str, Mapping[str, Any]]
+    answer_prefix: Mapping[str, str] = dataclasses.field(default_factory=dict)
     threads: int | None = None
 
     @classmethod
@@ -96,6 +98,7 @@ class WorkerConfig:
             patching=spec.experiments.patching,
             seed=spec.seed,
             task_options={t.family: dict(t.options) for t in spec.tasks},
+            answer_prefix={t.family: spec.answer_prefix(model_id, t.family) for t in spec.tasks},
             threads=threads,
         )
 

@@ -52,13 +52,14 @@ def shard_id(spec: Spec, task: TaskSpec, fields: dict[str, Any]) -> str:
     affecting = {
         "seed": spec.seed,
         "family_options": task.options,
-        "model": model.model_dump(),
+        "model": model.model_dump(exclude={"answer_prefix"}),
+        "answer_prefix": spec.answer_prefix(fields["model"], task.family),
         **fields,
     }
     if fields["kind"] == "behavior":
         affecting |= {"template": experiment.template, "max_new_tokens": experiment.max_new_tokens}
     else:
-        affecting |= {"positions": experiment.positions}
+        affecting |= {"positions": experiment.positions, "metric": experiment.metric}
     blob = json.dumps(affecting, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:ID_LENGTH]
 

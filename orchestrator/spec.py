@@ -56,6 +56,9 @@ class TaskSpec(_Strict):
     seq_lens: Annotated[list[PositiveInt], Field(min_length=1)]
     n: PositiveInt
     options: dict[str, Any] = {}
+    # Text between the prompt and the answer, or `auto`: from each model's greedy next token
+    # (actors/answers.py). A model entry may override it.
+    answer_prefix: str = "auto"
 
     @field_validator("seq_lens")
     @classmethod
@@ -84,6 +87,8 @@ class ModelSpec(_Strict):
     id: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "nf4", "auto"] = "auto"
+    # Overrides the tasks' answer_prefix for this model: one value, or one per task.
+    answer_prefix: str | dict[str, str] | None = None
 
 
 class BehaviorSpec(_Strict):
@@ -111,6 +116,9 @@ class PatchingSpec(_Strict):
     batch_size: PositiveInt | Auto = "auto"
     programs_per_shard: PositiveInt = 20
     tasks: list[str] | None = None
+    # `first_token`: the logits of the first tokens at which the two answers differ;
+    # `answer_logprob`: the summed log-probability of each whole answer (teacher forcing).
+    metric: Literal["first_token", "answer_logprob"] = "first_token"
 
     @field_validator("sites")
     @classmethod
@@ -201,6 +209,14 @@ class Spec(_Strict):
         ids = [m.id for m in self.models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"models list {ids}: an id appears twice; fix: list each model once")
+        for m in self.models:
+            if isinstance(m.answer_prefix, dict):
+                unknown = sorted(set(m.answer_prefix) - set(families))
+                if unknown:
+                    raise ValueError(
+                        f"models[{m.id}].answer_prefix names {unknown}, which are not in tasks "
+                        f"({families}); fix: key it by the tasks' families, or give one value"
+                    )
         self._render_templates()
         return self
 
@@ -223,6 +239,17 @@ class Spec(_Strict):
                     f"{task.family} program: {err}; fix: use raw, chat, or a format string with "
                     "{text}, {program} and {query} only (write {{ and }} for literal braces)"
                 ) from None
+
+    def answer_prefix(self, model: str, task: str) -> str:
+        """The answer prefix of `task`'s programs on `model`: the model's override, else the
+        task's."""
+        m = next(m for m in self.models if m.id == model)
+        override = m.answer_prefix
+        if isinstance(override, dict):
+            override = override.get(task)
+        if override is not None:
+            return override
+        return next(t for t in self.tasks if t.family == task).answer_prefix
 
     def results_dir(self, output: str | None = None) -> Path:
         """`<output>/<run>/`, where `output` overrides the spec's."""

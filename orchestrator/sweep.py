@@ -12,11 +12,21 @@ The order is what makes the promises hold:
 
 Ctrl-C or SIGTERM stops the sweep cleanly (exit 130, `run.json` status `interrupted`); a lost
 cluster likewise (exit 3). A second Ctrl-C stops at once.
+
+A sweep that ran to its end (complete or incomplete) then runs the prompt check
+(`analysis.prompts`: is the clean top-1 one of the task's candidate answers?) over the folder,
+prints it and stores it in `run.json` under `prompt_check`; a check that fails is logged and
+changes neither the status nor the results. The last line names the command that summarises
+the run, with the launcher this process was started by (`uv run python`, a venv's python by
+its path, or `python`).
 """
 
 import argparse
 import contextlib
 import dataclasses
+import logging
+import os
+import shlex
 import signal
 import sys
 import time
@@ -31,6 +41,55 @@ from orchestrator.sink import ResultsDir, SinkError, git_commit, now, versions
 from orchestrator.spec import Spec, SpecError, load_spec
 
 EXIT_COMPLETE, EXIT_FAILED, EXIT_REFUSED, EXIT_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+logger = logging.getLogger(__name__)
+
+
+def _uv_venv(prefix: Path) -> bool:
+    """`prefix` is a virtual environment uv made (its `pyvenv.cfg` has a `uv = VERSION` key)."""
+    try:
+        lines = (prefix / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.partition("=")[0].strip() == "uv" for line in lines)
+
+
+def python_launcher() -> str:
+    """How to start this Python again from the shell the user is in.
+
+    `uv run python` under `uv run` (uv sets `UV`, the path of its binary, for every process it
+    starts) or in a virtual environment uv manages; a virtual environment's interpreter that is
+    not activated, by its path (`.venv/bin/python`, as the README's pip recipe runs it), since a
+    plain `python` would be another one; else `python`.
+    """
+    prefix = Path(sys.prefix)
+    if os.environ.get("UV") or _uv_venv(prefix):
+        return "uv run python"
+    active = os.environ.get("VIRTUAL_ENV")
+    in_venv = sys.prefix != sys.base_prefix
+    if in_venv and not (active and os.path.realpath(active) == os.path.realpath(prefix)):
+        exe = Path(sys.executable)
+        with contextlib.suppress(ValueError):
+            exe = exe.relative_to(Path.cwd())
+        shown = str(exe) if "/" in str(exe) else f"./{exe}"
+        return shlex.quote(shown)
+    return "python"
+
+
+def analysis_command(root: Path) -> str:
+    """The command that summarises the run in `root` (the sweep's `next:` line)."""
+    return f"{python_launcher()} -m analysis {shlex.quote(str(root))}"
+
+
+def run_prompt_check(root: Path) -> list[dict[str, Any]] | None:
+    """The prompt check of a run folder (`analysis.prompts.check_run`), or None, with a logged
+    warning, when it could not be computed: it must never cost the run its status."""
+    from analysis.prompts import check_run
+
+    try:
+        return check_run(root)
+    except Exception as err:  # any failure of the diagnostic is reported, never raised
+        logger.warning("prompt check of %s failed, results are unaffected: %s", root, err)
+        return None
 
 
 def print_plan(plan: Plan, out_dir: Path) -> None:
@@ -99,13 +158,24 @@ class Sweep:
     Args:
         args: the parsed command line.
         worker_cls / worker_args: the actor body and its extra constructor arguments.
+        quiet: print no plan, progress bar or report (`--check-prompts` prints its own);
+            errors still go to stderr.
     """
 
-    def __init__(self, args: argparse.Namespace, worker_cls: type, worker_args: tuple) -> None:
+    def __init__(
+        self, args: argparse.Namespace, worker_cls: type, worker_args: tuple, quiet: bool = False
+    ) -> None:
         self.args = args
         self.worker_cls = worker_cls
         self.worker_args = worker_args
+        self.quiet = quiet
         self.driver: Any = None
+        self.prompt_check: list[dict[str, Any]] | None = None
+
+    def _say(self, text: str) -> None:
+        """A line for the user on stdout (none when quiet; problems go to stderr regardless)."""
+        if not self.quiet:
+            print(text)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.driver is None or self.driver.stop_reason is not None:
@@ -148,7 +218,8 @@ class Sweep:
             if results.root.is_dir() and not args.dry_run:
                 lock.acquire()
             plan = make_plan(spec, n_layers)
-            print_plan(plan, results.root)
+            if not self.quiet:
+                print_plan(plan, results.root)
             if args.dry_run:
                 return EXIT_COMPLETE
             return self._run(spec, n_layers, results, lock, plan)
@@ -174,10 +245,10 @@ class Sweep:
         except SpecError as err:
             print(err, file=sys.stderr)
             return EXIT_REFUSED
-        print(f"ray: {cluster.describe()}")
+        self._say(f"ray: {cluster.describe()}")
         lock.acquire()
         if lock.stale:
-            print(
+            self._say(
                 f"lock: took over from a driver that is gone (pid {lock.stale.get('pid')} on "
                 f"{lock.stale.get('host')}, since {lock.stale.get('started')})"
             )
@@ -225,7 +296,13 @@ class Sweep:
 
         driver = self.driver
         t0 = time.time()
-        bar = tqdm(total=driver.progress.total, unit="shard", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(
+            total=driver.progress.total,
+            unit="shard",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            disable=self.quiet,
+        )
 
         def show(progress) -> None:
             bar.total = progress.total
@@ -258,41 +335,57 @@ class Sweep:
         else:
             status = "complete" if not failures and progress.failed == 0 else "incomplete"
         done = progress.done_before + progress.finished
-        results.write_run(
-            {
-                **run_info,
-                "status": status,
-                "stopped": stopped,
-                "finished": now(),
-                "wall_s": round(time.time() - t0, 1),
-                "shards": {
-                    "total": progress.total,
-                    "done": done,
-                    "done_before": progress.done_before,
-                    "finished": progress.finished,
-                    "failed": progress.failed,
-                },
-                "rows_written": progress.rows,
-                "nodes": dict(driver.nodes),
-                "failures": failures,
-            }
-        )
+        final = {
+            **run_info,
+            "status": status,
+            "stopped": stopped,
+            "finished": now(),
+            "wall_s": round(time.time() - t0, 1),
+            "shards": {
+                "total": progress.total,
+                "done": done,
+                "done_before": progress.done_before,
+                "finished": progress.finished,
+                "failed": progress.failed,
+            },
+            "rows_written": progress.rows,
+            "nodes": dict(driver.nodes),
+            "failures": failures,
+        }
+        results.write_run(final)
         if stopped is not None:
             failed = f"{progress.failed} failed" if progress.failed else "none failed"
-            print(
+            self._say(
                 f"interrupted ({stopped}): {done} of {progress.total} shards done "
                 f"({progress.finished} this run), {failed}; rerun the same command to finish "
                 f"the other {progress.total - done}"
             )
         else:
-            print(
+            self._say(
                 f"{status}: {progress.finished} shards run, {progress.done_before} already done, "
                 f"{progress.failed} failed, {progress.rows:,} rows in {time.time() - t0:.0f} s"
             )
-        print(f"results: {results.root}")
+            self._check_prompts(results, final)
+        self._say(f"results: {results.root}")
         if failures:
-            print(f"failures: {results.root / 'failures.jsonl'} (rerun the same command to retry)")
+            self._say(
+                f"failures: {results.root / 'failures.jsonl'} (rerun the same command to retry)"
+            )
         if stopped is not None:
             return EXIT_LOST if stopped.startswith("cluster lost") else EXIT_INTERRUPTED
-        print(f"next: python -m analysis {results.root}")
+        self._say(f"next: {analysis_command(results.root)}")
         return EXIT_COMPLETE if status == "complete" else EXIT_FAILED
+
+    def _check_prompts(self, results: ResultsDir, final: dict[str, Any]) -> None:
+        """Run the prompt check, print it, and add it to `run.json` (already written with the
+        run's status, which a failure here leaves as it is)."""
+        from analysis.prompts import format_prompt_check
+
+        self.prompt_check = run_prompt_check(results.root)
+        if self.prompt_check is None:
+            return
+        self._say(format_prompt_check(self.prompt_check))
+        try:
+            results.write_run({**final, "prompt_check": self.prompt_check})
+        except SinkError as err:
+            logger.warning("could not add the prompt check to run.json: %s", err)

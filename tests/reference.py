@@ -25,6 +25,19 @@ def n_heads(model) -> int:
 @torch.no_grad()
 def patched_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int, head=None):
     """Last-position logits of the clean run with one activation taken from the cf run."""
+    return patched_all_logits(model, clean_ids, cf_ids, site, layer, pos, head)[-1]
+
+
+@torch.no_grad()
+def patched_readout(model, clean_ids, cf_ids, site, layer, pos, head=None, n_read: int = 1):
+    """Logits `[n_read, vocab]` at the last `n_read` positions of the patched clean run (a
+    teacher-forced answer's readout positions)."""
+    return patched_all_logits(model, clean_ids, cf_ids, site, layer, pos, head)[-n_read:]
+
+
+@torch.no_grad()
+def patched_all_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int, head=None):
+    """Logits `[pos, vocab]` (float32) of the clean run with one activation from the cf run."""
     block, attn_out, mlp = modules(model, layer)
     heads = n_heads(model)
     saved = {}
@@ -82,6 +95,6 @@ def patched_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int, he
     handle.remove()
     handle = register(replace)
     try:
-        return model(input_ids=torch.tensor([clean_ids], device=device)).logits[0, -1].float()
+        return model(input_ids=torch.tensor([clean_ids], device=device)).logits[0].float()
     finally:
         handle.remove()

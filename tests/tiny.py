@@ -124,3 +124,96 @@ def build_bpe_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         unk_token="<unk>",
     )
+
+
+# Qwen2/Qwen3's pre-tokenizer: digits one per token, a space before punctuation kept with it,
+# a lone space before a digit its own token (`a = 5` -> `a`, ` =`, ` `, `5`).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_style_tokenizer(
+    vocab_size: int = 400, chat: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Qwen2's pre-tokenizer, trained here on programs of both styles and
+    on `#q: 5`-style answers, so that it writes programs and answers as Qwen's vocabulary
+    does; with `chat`, it carries a ChatML template like Qwen's."""
+    from tokenizers import Regex, decoders
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        f"{p.text} {p.answer}"
+        for task in sorted(FAMILIES)
+        for style in ("seed", "paper")
+        for p in iter_programs(task, seed=11, seq_len=8, n=100, style=style)
+    ]
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    if chat:
+        out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def _first_token(tokenizer, text: str) -> int:
+    return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+
+def save_space_model(folder: Path, tokenizer=None, always: bool = False, seed: int = 0) -> Path:
+    """A tiny Llama that writes a space after `:` (as a pretrained model does after `#b:`) and
+    a digit after a space; with `always`, a space after every token.
+
+    Built by hand: its layers' outputs are scaled down so that the last token's embedding
+    decides the next token, `:`'s (or, with `always`, every token's) embedding points along
+    one direction that the output row of ` ` reads, and ` `'s along one that the digits' rows
+    read.
+    """
+    tokenizer = tokenizer or build_char_tokenizer()
+    cfg = tiny_config("llama", len(tokenizer), n_layers=2)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    colon, space = _first_token(tokenizer, ":"), _first_token(tokenizer, " ")
+    digits = [_first_token(tokenizer, str(d)) for d in range(10)]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        if always:
+            embed[:, 0] += 10.0
+        else:
+            embed[colon, 0] += 10.0
+            embed[space, 1] += 10.0
+        head[space, 0] += 30.0
+        head[digits, 1] += 30.0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

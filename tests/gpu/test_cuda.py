@@ -41,7 +41,7 @@ def test_engine_on_cuda_equals_one_forward_per_patch(tmp_path) -> None:
         want = reference.patched_logits(
             lm.model, pair.clean_ids, pair.cf_ids, patch.site, patch.layer, patch.pos, patch.head
         )
-        got = wave.logits[i * 7]
+        got = wave.read.logits[i * 7]
         torch.testing.assert_close(
             got, want[[pair.clean_answer_id, pair.cf_answer_id]], atol=1e-3, rtol=1e-3
         )

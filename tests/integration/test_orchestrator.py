@@ -14,6 +14,7 @@ from actors.targets import encode_program
 from orchestrator.checks import check_models
 from orchestrator.shards import count_shards, iter_shards
 from orchestrator.spec import load_spec
+from orchestrator.sweep import python_launcher
 from orchestrator.tasks import iter_programs
 from tests.integration.conftest import (
     patch_keys,
@@ -48,7 +49,8 @@ def test_full_run_then_resume_recomputes_nothing(tmp_path, ray_address, tiny_mod
     out = run_cli(spec_path, "--address", ray_address)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "behavior shards: 5" in out.stdout and "patching shards: 20" in out.stdout
-    assert "next: python -m analysis" in out.stdout
+    # The launcher the test runs under (`uv run python` under uv), as the user would type it.
+    assert f"next: {python_launcher()} -m analysis" in out.stdout
     results = tmp_path / "results" / "it"
     spec = load_spec(spec_path)
     counts = count_shards(spec, check_models(spec))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis import charts, connect, queries
-from analysis.__main__ import CHARTS
+from analysis.__main__ import CHARTS, summary
 
 PROGRAMS = [
     # task, seq_len, program, depth, heuristic
@@ -52,8 +52,9 @@ def behavior_table(model: str, correct: list[bool]) -> pa.Table:
     )
 
 
-def patching_rows(model: str, site: str) -> list[dict]:
-    """Two layers x three labels x programs, norm_effect = layer + 0.1 * program (+ head)."""
+def patching_rows(model: str, site: str, old: bool = False) -> list[dict]:
+    """Two layers x three labels x programs, norm_effect = layer + 0.1 * program (+ head).
+    `old`: the columns as runs before the prompt check wrote them (clean_correct, cf_correct)."""
     rows = []
     for task, seq_len, program, _, _ in PROGRAMS:
         for layer in (0, 1):
@@ -75,8 +76,10 @@ def patching_rows(model: str, site: str) -> list[dict]:
                             "clean_answer": "1",
                             "cf_answer": "2",
                             # program 1 of length 8 is answered wrong: excluded by default
-                            "clean_correct": not (seq_len == 8 and program == 1),
-                            "cf_correct": True,
+                            "top1_correct": not (seq_len == 8 and program == 1),
+                            "cf_top1_correct": True,
+                            "top1": "1",
+                            "top1_candidate": True,
                             "clean_logit_diff": -1.0,
                             "cf_logit_diff": 1.0,
                             "patched_logit_diff": -1.0 + 2 * effect,
@@ -84,6 +87,12 @@ def patching_rows(model: str, site: str) -> list[dict]:
                             "flipped": effect > 0.5,
                         }
                     )
+                    if old:
+                        row = rows.pop()
+                        row["clean_correct"] = row.pop("top1_correct")
+                        row["cf_correct"] = row.pop("cf_top1_correct")
+                        del row["top1"], row["top1_candidate"]
+                        rows.append(row)
     return rows
 
 
@@ -175,6 +184,55 @@ def test_patching_aggregates_exclude_wrong_and_heuristic_programs(run_dir) -> No
     assert top.iloc[0].site == "attn_head" and top.iloc[0].layer == 1
 
 
+def test_runs_written_before_the_renaming_filter_the_same(run_dir, tmp_path) -> None:
+    """Old patching files (clean_correct, cf_correct), alone or next to new ones, keep the
+    same programs: the old columns meant top-1 over the vocabulary too."""
+    old = tmp_path / "old"
+    (old / "patching").mkdir(parents=True)
+    pq.write_table(programs_table(), old / "programs.parquet")
+    for site in ("resid_pre", "attn_head"):
+        table = pa.Table.from_pylist(patching_rows("org/a", site, old=True))
+        assert "top1_correct" not in table.column_names
+        pq.write_table(table, old / "patching" / f"{site}.parquet")
+    want = queries.run(connect(run_dir), queries.COVERAGE).iloc[0]
+    assert (want.programs_kept, want.programs_all) == (2, 4)
+    got = queries.run(connect(old), queries.COVERAGE).iloc[0]
+    assert (got.programs_kept, got.programs_all) == (2, 4)
+    # Both versions in one folder: each row is filtered by whichever column it has.
+    new = pa.Table.from_pylist(patching_rows("org/b", "resid_pre"))
+    pq.write_table(new, old / "patching" / "new.parquet")
+    con = connect(old)
+    kept = con.execute(
+        queries.KEPT + "SELECT model, count(DISTINCT (seq_len, program)) FROM kept GROUP BY 1 "
+        "ORDER BY 1",
+        {"include_all": False},
+    ).fetchall()
+    assert kept == [("org/a", 2), ("org/b", 2)]
+    assert con.execute("SELECT count(*) FROM patching WHERE top1_correct IS NULL").fetchone() == (
+        0,
+    )
+    # A column neither version wrote reads as NULL rather than failing the query.
+    assert con.execute("SELECT count(metric) FROM patching").fetchone() == (0,)
+
+
+def test_summary_says_when_every_program_is_filtered_out(tmp_path) -> None:
+    """A model whose top-1 is never the answer (a prompt that stops before it) keeps no
+    program: the summary says so and, after it, the prompt check says why."""
+    root = tmp_path / "run"
+    (root / "patching").mkdir(parents=True)
+    pq.write_table(programs_table(), root / "programs.parquet")
+    rows = patching_rows("org/a", "resid_pre")
+    for row in rows:
+        row.update(top1_correct=False, top1=" ", top1_candidate=False)
+    pq.write_table(pa.Table.from_pylist(rows), root / "patching" / "p.parquet")
+    text = summary(connect(root), include_all=False)
+    assert "top (site, layer, label) cells: none (programs whose top-1 is the answer" in text
+    assert ": 0 of 4; --include-all keeps all)" in text
+    assert text.index("cells: none") < text.index("prompt check:")
+    assert "  org/a  binding  patching  -       4         4 (100%)               ' ' (4)" in text
+    assert "warning: org/a on binding: 4 of 4 programs (100%)" in text
+
+
 def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> None:
     con = connect(run_dir)
     expected = {  # facet fields (wrapped facets have one), and the panels' encodings
@@ -233,7 +291,16 @@ def test_cli_summary_sql_and_errors(run_dir, tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "accuracy by model x task x program length" in out.stdout
     assert "top (site, layer, label) cells" in out.stdout
-    assert "2 of 4 programs" in out.stdout
+    assert (
+        "programs whose top-1 is the answer in both runs (top1_correct, cf_top1_correct), "
+        "root not on line 1-2: 2 of 4; --include-all keeps all" in out.stdout
+    )
+    # After the summary, the prompt check: the behaviour files here predate its columns, so
+    # it reads the patching rows, one per program.
+    check = out.stdout[out.stdout.index("prompt check:") :]
+    assert out.stdout.index("top (site, layer, label) cells") < out.stdout.index("prompt check:")
+    assert "org/a  binding  patching  -       4         0 (0%)" in check, check
+    assert "warning" not in check
     assert len(list((tmp_path / "c").glob("*.png"))) == 5
     out = run_cli(
         str(run_dir),

@@ -10,11 +10,21 @@ from actors.behavior import (
     BEHAVIOR_SCHEMA,
     HFScorer,
     first_token_ids,
+    render,
+    vllm_next,
     vllm_predictions,
     vllm_requests,
+    vllm_score_params,
 )
-from orchestrator.tasks import CHAT_TEMPLATE, get_family, iter_programs, parse_answer
-from tests.tiny import save_tiny_model
+from actors.patching import Patcher
+from orchestrator.tasks import (
+    CHAT_TEMPLATE,
+    get_family,
+    iter_programs,
+    parse_answer,
+    render_prompt,
+)
+from tests.tiny import build_qwen_style_tokenizer, save_space_model, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +66,8 @@ def test_chat_template_generates(lm) -> None:
     programs = list(iter_programs("boolean", 0, 4, 2))
     rows = HFScorer(lm, template="chat", max_new_tokens=2).score(programs).to_pylist()
     assert {r["method"] for r in rows} == {"generate"}
-    assert HFScorer(lm, template="chat").template == CHAT_TEMPLATE
+    # The char-level tokenizer has no chat template: the built-in question is the prompt.
+    assert render(lm.tokenizer, programs[0], "chat") == render_prompt(programs[0], CHAT_TEMPLATE)
 
 
 def test_vllm_requests_and_outputs_with_plain_data() -> None:
@@ -73,3 +84,86 @@ def test_vllm_requests_and_outputs_with_plain_data() -> None:
         types.SimpleNamespace(outputs=[]),
     ]
     assert vllm_predictions(outputs) == ["7", "True", None, None]
+
+
+def test_vllm_candidate_scoring_with_plain_data() -> None:
+    direct = vllm_score_params([7, 3, 7], direct=True)
+    assert direct == {
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": 1,
+        "logprob_token_ids": [3, 7],
+    }
+    assert vllm_score_params([7, 3], direct=False)["logprobs"] == 20
+    out = types.SimpleNamespace(
+        outputs=[
+            types.SimpleNamespace(
+                token_ids=[3], logprobs=[{3: types.SimpleNamespace(logprob=-0.1), 7: -2.5}]
+            )
+        ]
+    )
+    assert vllm_next(out, [7, 3, 9]) == (3, [-2.5, -0.1, float("-inf")])
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    return build_qwen_style_tokenizer(chat=True)
+
+
+def test_the_asked_columns_equal_a_plain_forward(lm) -> None:
+    programs = list(iter_programs("binding", 0, 6, 9, style="paper"))
+    rows = HFScorer(lm).score(programs).to_pylist()
+    digits = [lm.tokenizer.convert_tokens_to_ids(d) for d in get_family("binding").candidates]
+    for p, row in zip(programs, rows, strict=True):
+        logits = lm.model(input_ids=torch.tensor([lm.tokenizer(p.text)["input_ids"]])).logits[0, -1]
+        top = int(logits.argmax())
+        answer = lm.tokenizer.convert_tokens_to_ids(p.answer)
+        assert row["answer_prefix"] == "" and row["top1"] == lm.tokenizer.decode([top])
+        assert row["top1_candidate"] == (top in digits)
+        assert row["top1_correct"] == (top == answer)
+        others = [d for d in digits if d != answer]
+        assert row["choice_correct"] == bool(logits[answer] > logits[others].max())
+        # With single-token answers the logits method's answer is the choice.
+        assert row["choice_correct"] == row["correct"]
+
+
+def test_auto_prefix_asks_after_the_space_and_agrees_with_patching(tmp_path, qwen_tok) -> None:
+    """A model that writes a space after `#b:`: without a prefix every program's top-1 is the
+    space (not a candidate); with `auto` the digits are compared after it, and behaviour and
+    patching call the same programs right."""
+    space = load_model(str(save_space_model(tmp_path / "space", qwen_tok)))
+    programs = list(iter_programs("binding", 0, 6, 8, style="seed"))
+    plain = HFScorer(space).score(programs, "").to_pylist()
+    assert {(r["top1"], r["top1_candidate"], r["top1_correct"]) for r in plain} == {
+        (" ", False, False)
+    }
+    rows = HFScorer(space).score(programs, "auto").to_pylist()
+    assert {r["answer_prefix"] for r in rows} == {" "}
+    assert all(r["top1_candidate"] for r in rows)
+    table = Patcher(space).patch(programs, ["resid_pre"], [0], "targets", "auto").to_pylist()
+    for p, row in zip(programs, rows, strict=True):
+        mine = [r for r in table if r["program"] == p.index]
+        assert mine and {r["answer_prefix"] for r in mine} == {" "}
+        assert {(r["top1_correct"], r["choice_correct"], r["top1"]) for r in mine} == {
+            (row["top1_correct"], row["choice_correct"], row["top1"])
+        }
+
+
+def test_chat_uses_the_tokenizers_own_template(tmp_path, qwen_tok) -> None:
+    chat = load_model(str(save_tiny_model(tmp_path / "chat", "qwen3", qwen_tok)))
+    programs = list(iter_programs("binding", 0, 4, 3))
+    prompt = render(chat.tokenizer, programs[0], "chat")
+    assert prompt.startswith("<|im_start|>user\nHere is a Python program:")
+    assert prompt.endswith("Answer with the value only.<|im_end|>\n<|im_start|>assistant\n")
+    rows = HFScorer(chat, template="chat", max_new_tokens=3).score(programs).to_pylist()
+    assert {r["method"] for r in rows} == {"generate"}
+    for p, row in zip(programs, rows, strict=True):
+        ids = torch.tensor([chat.tokenizer(render(chat.tokenizer, p, "chat"))["input_ids"]])
+        out = chat.model.generate(
+            input_ids=ids,
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=chat.tokenizer.pad_token_id,
+        )
+        text = chat.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert row["predicted"] == parse_answer(text)

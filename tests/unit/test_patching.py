@@ -55,9 +55,13 @@ def check_against_reference(lm, patcher, programs, sites=SITES, layers=None) -> 
             )
             answers = want[[pair.clean_answer_id, pair.cf_answer_id]]
             torch.testing.assert_close(
-                wave.logits[i], answers, atol=1e-4, rtol=1e-4, msg=lambda m, p=patch: f"{p}: {m}"
+                wave.read.logits[i],
+                answers,
+                atol=1e-4,
+                rtol=1e-4,
+                msg=lambda m, p=patch: f"{p}: {m}",
             )
-            assert int(wave.top[i]) == int(want.argmax()), patch
+            assert int(wave.read.top[i]) == int(want.argmax()), patch
             checked += 1
     return checked
 
@@ -146,7 +150,7 @@ def test_free_patches_are_the_clean_run(tiny_models) -> None:
             if r["site"] == "resid_pre" and r["layer"] == 0 and r["pos"] == pair.first_diff
         ]
         assert root["patched_logit_diff"] == pytest.approx(root["cf_logit_diff"], abs=1e-4)
-        assert root["flipped"] == root["cf_correct"]
+        assert root["flipped"] == root["cf_top1_correct"]
 
 
 def test_oom_splits_the_pass_and_gives_the_same_rows(tiny_models) -> None:
@@ -248,9 +252,9 @@ def test_flipped_means_counterfactual_answer_on_top(tiny_models) -> None:
     (wave,) = patcher.run([program], ["resid_pre"])
     table = patcher.patch([program], sites=["resid_pre"])
     flipped = table.column("flipped").to_pylist()
-    assert flipped == [int(t) == pair.cf_answer_id for t in wave.top]
+    assert flipped == [int(t) == pair.cf_answer_id for t in wave.read.top]
     # A top-1 change to a third token is not a flip.
-    third = [int(t) not in (pair.cf_answer_id, pair.clean_answer_id) for t in wave.top]
+    third = [int(t) not in (pair.cf_answer_id, pair.clean_answer_id) for t in wave.read.top]
     assert not any(f and c for f, c in zip(flipped, third, strict=True))
 
 

@@ -194,3 +194,91 @@ def test_bad_input() -> None:
 def test_describe_names_the_counts() -> None:
     text = plan_of([shape()], ["attn_head"]).describe()
     assert "patches over 1 programs" in text and "pre-passes" in text
+
+
+# -- readout positions (n_read > 1: a teacher-forced answer read at the last n_read positions) --
+
+
+def read_shape(n_tokens=10, diff=(4,), n_read=3) -> ProgramShape:
+    """Every position up to the first readout position (the last prompt token) is patched."""
+    return ProgramShape(n_tokens, tuple(diff), tuple(range(n_tokens - n_read + 1)), n_read)
+
+
+def test_free_patches_with_readout_positions() -> None:
+    """`unread`: a last-layer head or MLP output before the first readout position (7 here),
+    not before the last position."""
+    plan = plan_of([read_shape(10, (4, 6), 3)], ["resid_pre", "attn_head", "mlp_out"])
+    for p in plan.patches:
+        if p.pos < 4:
+            want = "before_diff"
+        elif p.site == "resid_pre" and p.layer == 0 and p.pos not in (4, 6):
+            want = "same_token"
+        elif p.site != "resid_pre" and p.layer == N_LAYERS - 1 and p.pos < 7:
+            want = "unread"
+        else:
+            want = None
+        assert p.free == want, p
+    with pytest.raises(AssertionError, match=r"outside 0..7"):
+        ProgramShape(10, (4,), (8,), 3)  # a patch inside the answer
+    with pytest.raises(AssertionError, match=r"outside 0..7"):
+        ProgramShape(10, (8,), (4,), 3)  # the answers' appended tokens differ
+
+
+def test_token_layers_with_readout_positions() -> None:
+    """Head patches of a program read at its last r positions, written out: positions before
+    the first readout position f as for r = 1; at f a pre-pass too (the main pass is r wide),
+    and the last layer's heads, which are read there, written inside a main pass of width r."""
+    n_tokens, d, r = 12, 5, 3
+    f = n_tokens - r
+    plan = plan_of([read_shape(n_tokens, (d,), r)], ["attn_head"])
+    want = 0
+    for p in range(d, f + 1):
+        want += (N_LAYERS - 1) * N_HEADS  # pre-pass: each layer < last, one position
+        width = n_tokens - p
+        rows = sum(N_HEADS * (N_LAYERS - (x + 1)) for x in range(N_LAYERS - 1)) + 1
+        if p == f:
+            rows += N_HEADS  # the last layer's heads, at the last layer only
+        want += width * rows
+    cost = plan.cost()
+    assert cost.token_layers == want
+    assert cost.free == (d * N_LAYERS + (f - d)) * N_HEADS
+    main = [ps for ps in plan.passes if ps.read == "logits"]
+    assert {ps.n_read for ps in plan.passes} == {r} and min(ps.width for ps in main) == r
+    (at_f,) = [ps for ps in main if ps.start == f]
+    writes = [e for e in at_f.entries if e.write != "none"]
+    assert [(e.layer, e.first, e.write) for e in writes] == [(N_LAYERS - 1, "clean", "head")] * 3
+    # Readout: r rows per main-pass row, r per program and run.
+    assert cost.readout_rows == r * sum(len(ps.entries) for ps in main) + 2 * r
+    # With r = 1 the same positions keep today's count: r changes what the plan reads only.
+    one = plan_of([shape(n_tokens, (d,), range(f + 1))], ["attn_head"])
+    assert (
+        one.cost().readout_rows
+        == sum(len(ps.entries) for ps in one.passes if ps.read == "logits") + 2
+    )
+
+
+def test_programs_of_one_length_and_other_n_read_do_not_share_passes() -> None:
+    programs = [read_shape(10, (4,), 1), read_shape(10, (4,), 2), read_shape(10, (5,), 2)]
+    plan = plan_of(programs, ["resid_pre", "mlp_out"])
+    for ps in plan.passes:
+        keys = {plan.programs[plan.patches[e.patch].program].stack_key for e in ps.entries}
+        assert keys == {ps.stack_key}, ps
+    shared = [ps for ps in plan.passes if ps.stack_key == (10, 2)]
+    assert any(len({plan.patches[e.patch].program for e in ps.entries}) == 2 for ps in shared)
+    assert {ps.stack_key for ps in plan.passes} == {(10, 1), (10, 2)}
+
+
+def test_flops_with_readout_positions_by_hand() -> None:
+    dims = Dims(n_layers=2, linear_params=100, late_params=30, attn_width=8, d_model=4, vocab=10)
+    prog = ProgramShape(4, (1,), (1, 2), n_read=2)
+    plan = build_plan([prog], ["resid_pre"], [1], 2, 1, UNLIMITED)
+    wide = next(p for p in plan.passes if p.start == 1)
+    # Positions 1..3 attend to 2, 3, 4 keys; the last layer's output projection and MLP run on
+    # the two readout positions 2, 3 alone; the readout runs twice per row.
+    per_layer = 2 * 100 * 3 + 4 * 8 * (2 + 3 + 4)
+    assert pass_flops(wide, dims) == 2 * per_layer - 2 * 30 * (3 - 2) + 2 * 4 * 10 * 2
+    narrow = next(p for p in plan.passes if p.start == 2)  # width n_read: nothing to cut
+    per_layer = 2 * 100 * 2 + 4 * 8 * (3 + 4)
+    assert pass_flops(narrow, dims) == 2 * per_layer + 2 * 4 * 10 * 2
+    per_run = 2 * (2 * 100 * 4 + 4 * 8 * (1 + 2 + 3 + 4))
+    assert flops(plan, dims)["runs"] == 2 * (per_run + 2 * 4 * 10 * 2)

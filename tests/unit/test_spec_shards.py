@@ -85,6 +85,15 @@ def test_valid_spec_is_frozen() -> None:
         ({"models__0__quantization": "int4"}, "models.0.quantization = 'int4'"),
         ({"run": "my run"}, "run = 'my run': String should match pattern"),
         ({"resources": {"gpus_per_actor": "many"}}, "resources.gpus_per_actor"),
+        (
+            {"models__0__answer_prefix": {"boolean": " "}},
+            "models[org/model-a].answer_prefix names ['boolean'], which are not in tasks",
+        ),
+        (
+            {"experiments__patching__metric": "logprob"},
+            "experiments.patching.metric = 'logprob': Input should be 'first_token' or "
+            "'answer_logprob'",
+        ),
     ],
 )
 def test_bad_specs_name_field_value_and_fix(changes, message) -> None:
@@ -143,10 +152,25 @@ def test_shard_ids_are_stable_and_depend_only_on_what_changes_rows() -> None:
         spec_with(seed=4),
         spec_with(experiments__patching__positions="all"),
         spec_with(tasks__0__options={"style": "seed"}),
+        spec_with(tasks__0__answer_prefix=" "),
+        spec_with(models__0__answer_prefix=""),
+        spec_with(experiments__patching__metric="answer_logprob"),
     ):
         new = {s.id for s in iter_shards(changed, N_LAYERS)}
         assert new != set(ids)
     assert all(len(i) == 16 for i in ids)
+
+
+def test_answer_prefix_is_the_tasks_unless_a_model_overrides_it() -> None:
+    spec = spec_with(
+        tasks__1__answer_prefix=" ",
+        models__0__answer_prefix={"binding": ""},
+        models__1__answer_prefix="\n",
+    )
+    assert spec.answer_prefix("org/model-a", "binding") == ""
+    assert spec.answer_prefix("org/model-a", "range") == " "
+    assert spec.answer_prefix("models/local-b", "binding") == "\n"
+    assert spec_with().answer_prefix("org/model-a", "binding") == "auto"
 
 
 def test_split_halves_layers_then_programs() -> None:
