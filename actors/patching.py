@@ -5,17 +5,19 @@ Three steps, each its own module:
 1. **Plan** (`actors.plan`): every (site, layer, position[, head]) patch of the programs, which
    need no forward, and the passes that compute the rest. Plain data; `Patcher.plan` returns it
    for reading before anything runs.
-2. **Execute** (`actors.engine`): the clean and counterfactual runs of the programs (one forward
-   per program length and wave), then each pass, with rows of several programs in one forward.
+2. **Execute** (`actors.engine`, `actors.execute`): the clean and counterfactual runs of the
+   programs (one forward per program length and wave), then each pass, with rows of several
+   programs in one forward.
 3. **Reduce** (`actors.readout`, inside each forward): only each row's logits of the two answer
-   tokens and its top-1 token leave the forward. This module turns them into rows of
-   `PATCHING_SCHEMA`.
+   tokens (and, for `answer_logprob`, the log-sum-exp) and its top-1 token leave the forward.
+   `actors.rows` turns them into rows of `PATCHING_SCHEMA`.
 
 What is asked is `actors.answers`' rule, shared with behaviour: the answer prefix (a string,
 or `auto`: from the model's greedy next token, one extra forward per program) and the tokens
 both answers share are appended to the prompts, and the first tokens at which the answers
 differ are compared. The clean and counterfactual runs also read the family's candidate tokens
-there, for `choice_correct`.
+there, for `choice_correct`. Under `metric: answer_logprob` a pair's answers become engine
+programs of their own (`actors.forcing`), scored by teacher forcing.
 
 The result equals one full forward per patch with plain hooks (tests check it against
 `tests/reference.py`, not this code, on every architecture `actors.arch` maps).
@@ -33,7 +35,8 @@ from actors.allocator import keep_freed_memory
 from actors.answers import AUTO, choice, resolve_prefixes
 from actors.arch import SITES, ArchMap
 from actors.budget import STACK_FRACTION, Footprint, auto_budget, row_limit
-from actors.engine import Engine, Stack, run_plan
+from actors.engine import Engine, Stack
+from actors.execute import run_plan
 from actors.forcing import Unit, tokens, units
 from actors.loading import LoadedModel
 from actors.plan import Plan, Reads, build_plan

@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 
 from actors.behavior import HFScorer, VLLMScorer, vllm_available
+from actors.execute import is_oom
 from actors.loading import LoadedModel, load_model
 from actors.patching import Patcher
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
@@ -47,15 +48,6 @@ def _node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
 
 
 class ModelWorker:
@@ -171,7 +163,7 @@ class ModelWorker:
                 table = self._patch(patcher, programs, shard)
                 break
             except Exception as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

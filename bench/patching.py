@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, build, describe, matmul_flops, programs, setup_host, sync
 
 from actors import Patcher
-from actors.plan import Dims, flops
+from actors.flops import Dims, flops
 
 
 def dims_of(lm) -> Dims:
@@ -136,7 +136,7 @@ def run_engine(lm, progs, head_layers):
             for wave in patcher.run(progs, [site], layers, "all"):
                 site_flops += sum(flops(wave.plan, dims).values())
                 for i, patch in enumerate(wave.plan.patches):
-                    rows.append((patch, wave.pairs[patch.program][1], wave.logits[i]))
+                    rows.append((patch, wave.pairs[patch.program][1], wave.read.logits[i]))
             sync(lm.device)
             per_site[site] = (time.perf_counter() - start, len(rows) - n, site_flops)
     return rows, per_site, peak.mib, patcher

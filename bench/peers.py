@@ -62,7 +62,7 @@ class Engine:
         """Every patch of `site` x `layers` (cells ignored); returns {(prog, cell): diff}."""
         out = {}
         for wave in self.patcher.run(self.progs, [site], layers, "all"):
-            diffs = (wave.logits[:, 1] - wave.logits[:, 0]).tolist()
+            diffs = (wave.read.logits[:, 1] - wave.read.logits[:, 0]).tolist()
             for i, p in enumerate(wave.plan.patches):
                 cell = (p.layer, p.pos) if p.head is None else (p.layer, p.pos, p.head)
                 out[p.program, cell] = diffs[i]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from actors import load_model
-from actors.engine import Engine, run_plan
+from actors.engine import Engine
+from actors.execute import run_plan
 from actors.plan import ProgramShape, build_plan
 from actors.readout import Readout
 from tests import reference

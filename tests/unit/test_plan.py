@@ -6,7 +6,8 @@ import collections
 
 import pytest
 
-from actors.plan import Dims, Pass, ProgramShape, build_plan, flops, pass_flops
+from actors.flops import Dims, flops, pass_flops
+from actors.plan import Pass, ProgramShape, build_plan
 
 N_LAYERS, N_HEADS = 4, 3
 UNLIMITED = lambda width, context: 10**9  # noqa: E731
