@@ -14,7 +14,11 @@ def test_vllm_scores_a_tiny_model(tmp_path) -> None:
 
     folder = save_tiny_model(tmp_path / "llama", "llama", n_layers=2)
     scorer = VLLMScorer(
-        str(folder), max_new_tokens=2, gpu_memory_utilization=0.2, enforce_eager=True
+        str(folder),
+        max_new_tokens=2,
+        gpu_memory_utilization=0.2,
+        enforce_eager=True,
+        dtype="float32",
     )
     programs = list(iter_programs("binding", 0, 4, 8, style="paper"))
     table = scorer.score(programs, "auto")
