@@ -45,19 +45,22 @@ def test_every_patch_is_free_or_in_exactly_one_main_pass() -> None:
     assert keys == sorted(keys, key=lambda k: (*k[:4], -1 if k[4] is None else k[4]))
 
 
+def expected_free(p, first_read: int) -> str | None:
+    """The three rules, for a program of diff (4, 6) whose first readout position is given."""
+    if p.pos < 4:
+        return "before_diff"
+    if p.site == "resid_pre" and p.layer == 0 and p.pos not in (4, 6):
+        return "same_token"
+    if p.site != "resid_pre" and p.layer == N_LAYERS - 1 and p.pos < first_read:
+        return "unread"
+    return None
+
+
 def test_free_patches_follow_the_three_rules() -> None:
     prog = shape(n_tokens=10, diff=(4, 6))
     plan = plan_of([prog], ["resid_pre", "attn_head", "mlp_out"])
     for p in plan.patches:
-        if p.pos < 4:
-            want = "before_diff"
-        elif p.site == "resid_pre" and p.layer == 0 and p.pos not in (4, 6):
-            want = "same_token"
-        elif p.site != "resid_pre" and p.layer == N_LAYERS - 1 and p.pos < 9:
-            want = "unread"
-        else:
-            want = None
-        assert p.free == want, p
+        assert p.free == expected_free(p, 9), p
 
 
 def test_entries_join_at_their_layer_and_head_rows_one_layer_later() -> None:
@@ -210,15 +213,7 @@ def test_free_patches_with_readout_positions() -> None:
     not before the last position."""
     plan = plan_of([read_shape(10, (4, 6), 3)], ["resid_pre", "attn_head", "mlp_out"])
     for p in plan.patches:
-        if p.pos < 4:
-            want = "before_diff"
-        elif p.site == "resid_pre" and p.layer == 0 and p.pos not in (4, 6):
-            want = "same_token"
-        elif p.site != "resid_pre" and p.layer == N_LAYERS - 1 and p.pos < 7:
-            want = "unread"
-        else:
-            want = None
-        assert p.free == want, p
+        assert p.free == expected_free(p, 7), p
     with pytest.raises(AssertionError, match=r"outside 0..7"):
         ProgramShape(10, (4,), (8,), 3)  # a patch inside the answer
     with pytest.raises(AssertionError, match=r"outside 0..7"):
