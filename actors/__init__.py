@@ -14,6 +14,7 @@ For notebooks:
 """
 
 from actors.arch import SITES, ArchMap, arch_map
+from actors.attribution import Attributor
 from actors.loading import LoadedModel, load_model
 from actors.patching import PATCHING_SCHEMA, Patcher
 
@@ -21,6 +22,7 @@ __all__ = [
     "PATCHING_SCHEMA",
     "SITES",
     "ArchMap",
+    "Attributor",
     "LoadedModel",
     "Patcher",
     "arch_map",

@@ -1,0 +1,198 @@
+"""Attribution estimates (`actors.attribution`) against autograd-free references: a central
+finite difference along the patch direction, and, on a model built to be exactly linear in the
+residual stream, exact patching itself."""
+
+import pytest
+import torch
+
+from actors import Patcher, load_model
+from actors.attribution import Attributor
+from actors.targets import encode_program
+from orchestrator.tasks import iter_programs
+from tests import reference
+from tests.tiny import save_tiny_model
+
+SITES = ["resid_pre", "attn_head", "mlp_out"]
+
+
+def programs():
+    return list(iter_programs("binding", seed=7, seq_len=5, n=3)) + list(
+        iter_programs("binding", seed=7, seq_len=6, n=2)
+    )
+
+
+@torch.no_grad()
+def metric_along(model, pair, site, layer, pos, head, eps: float) -> float:
+    """The metric of the clean run with the activation at the cell moved `eps` of the way
+    toward its counterfactual value (plain hooks, module paths written out)."""
+    block, attn_out, mlp = reference.modules(model, layer)
+    saved = {}
+    heads = reference.n_heads(model)
+
+    def cell(t):
+        t = t[0, pos]
+        return t.view(heads, -1)[head] if site == "attn_head" else t
+
+    def grab_pre(m, args, kwargs):
+        saved["cf"] = cell(args[0] if args else kwargs["hidden_states"]).clone()
+
+    def grab_in(m, args):
+        saved["cf"] = cell(args[0]).clone()
+
+    def grab_out(m, args, out):
+        saved["cf"] = cell(out[0] if isinstance(out, tuple) else out).clone()
+
+    def move(t):
+        t = t.clone()
+        c = cell(t)
+        c += eps * (saved["cf"] - c)
+        return t
+
+    module, grab, kind = {
+        "resid_pre": (block, grab_pre, "pre_kwargs"),
+        "attn_head": (attn_out, grab_in, "pre"),
+        "mlp_out": (mlp, grab_out, "post"),
+    }[site]
+
+    def register(fn):
+        if kind == "pre_kwargs":
+            return module.register_forward_pre_hook(fn, with_kwargs=True)
+        if kind == "pre":
+            return module.register_forward_pre_hook(fn)
+        return module.register_forward_hook(fn)
+
+    h = register(grab)
+    model(input_ids=torch.tensor([pair.cf_ids]))
+    h.remove()
+    if kind == "pre_kwargs":
+
+        def put(m, args, kwargs):
+            if args:
+                return (move(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": move(kwargs["hidden_states"])}
+
+    elif kind == "pre":
+
+        def put(m, args):
+            return (move(args[0]), *args[1:])
+
+    else:
+
+        def put(m, args, out):
+            return move(out[0] if isinstance(out, tuple) else out)
+
+    h = register(put)
+    try:
+        logits = model(input_ids=torch.tensor([pair.clean_ids])).logits[0, -1]
+    finally:
+        h.remove()
+    return (logits[pair.cf_answer_id] - logits[pair.clean_answer_id]).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_estimates_are_the_directional_derivative(tmp_path, arch) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / arch, arch, n_layers=3)), dtype="float32")
+    lm.model.double()
+    pairs = [encode_program(lm.tokenizer, p) for p in programs()]
+    batches = list(Attributor(lm, batch_size=2).estimate(pairs, SITES))
+    assert sorted(g for b in batches for g in b.programs) == list(range(len(pairs)))
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for batch in batches:
+        for (site, layer), est in batch.cells.items():
+            for row, g in enumerate(batch.programs):
+                pair = pairs[g]
+                for _ in range(2):
+                    pos = int(
+                        torch.randint(pair.first_diff, len(pair.clean_ids), (1,), generator=gen)
+                    )
+                    head = (
+                        int(torch.randint(0, 4, (1,), generator=gen))
+                        if site == "attn_head"
+                        else None
+                    )
+                    # Central, error O(eps^2); RMSNorm computes in float32 even in a float64
+                    # model, so smaller steps meet its rounding.
+                    eps = 1e-2
+                    want = (
+                        metric_along(lm.model, pair, site, layer, pos, head, eps)
+                        - metric_along(lm.model, pair, site, layer, pos, head, -eps)
+                    ) / (2 * eps)
+                    got = est[row, pos] if head is None else est[row, pos, head]
+                    assert float(got) == pytest.approx(want, rel=5e-3, abs=5e-5), (site, layer, pos)
+                    checked += 1
+            # Before the first changed token the two runs agree: nothing to estimate.
+            assert torch.all(
+                est[:, : min(p.first_diff for p in (pairs[g] for g in batch.programs))] == 0
+            )
+    assert checked >= 3 * 3 * 5 * 2
+
+
+def linear_model(folder) -> str:
+    """A Llama that is linear in its residual stream: identity norms, uniform causal attention
+    (zero queries and keys), no MLP. Patching then changes the metric by exactly the first-order
+    term."""
+    save_tiny_model(folder, "llama", n_layers=3)
+    lm = load_model(str(folder), dtype="float32")
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+            layer.self_attn.k_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+            # The changed token reaches the last position through attention alone, averaged
+            # over the prefix: larger values and outputs make the patches move the metric.
+            layer.self_attn.v_proj.weight.mul_(10.0)
+            layer.self_attn.o_proj.weight.mul_(10.0)
+    return lm
+
+
+def test_on_a_linear_model_the_estimate_is_exact_patching(tmp_path) -> None:
+    lm = linear_model(tmp_path / "linear")
+    identity = torch.nn.Identity()
+    for layer in lm.model.model.layers:
+        layer.input_layernorm = identity
+        layer.post_attention_layernorm = identity
+    lm.model.model.norm = identity
+    progs = programs()
+    pairs = [encode_program(lm.tokenizer, p) for p in progs]
+    est = {}
+    for batch in Attributor(lm, batch_size=3).estimate(pairs, ["resid_pre", "attn_head"]):
+        for row, g in enumerate(batch.programs):
+            for (site, layer), values in batch.cells.items():
+                est[(g, site, layer)] = values[row]
+    rows = Patcher(lm).patch(progs, ["resid_pre", "attn_head"], None, "all").to_pylist()
+    index = {(p.task, p.seq_len, p.index): g for g, p in enumerate(progs)}
+    moved = 0
+    for r in rows:
+        g = index[(r["task"], r["seq_len"], r["program"])]
+        values = est[(g, r["site"], r["layer"])]
+        got = values[r["pos"]] if r["head"] is None else values[r["pos"], r["head"]]
+        exact = r["patched_logit_diff"] - r["clean_logit_diff"]
+        assert float(got) == pytest.approx(exact, rel=1e-3, abs=1e-3), r
+        moved += abs(exact) > 0.1
+    assert moved > 50, "the patches move the metric, so the equality says something"
+
+
+def test_bad_arguments_are_named(tmp_path) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "llama", n_layers=2)))
+    pairs = [encode_program(lm.tokenizer, programs()[0])]
+    with pytest.raises(ValueError, match="unknown site"):
+        list(Attributor(lm).estimate(pairs, ["resid_post"]))
+    with pytest.raises(ValueError, match="out of range"):
+        list(Attributor(lm).estimate(pairs, ["resid_pre"], [5]))
+    with pytest.raises(ValueError, match="batch_size"):
+        Attributor(lm, batch_size=0)
+
+
+def test_a_model_that_passes_no_gradient_back_is_named(tmp_path) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "llama", n_layers=2)))
+    pairs = [encode_program(lm.tokenizer, programs()[0])]
+    # A layer whose output is cut from the graph, as a kernel without a backward does.
+    attn = lm.model.model.layers[0].self_attn
+    handle = attn.o_proj.register_forward_hook(lambda m, a, out: out.detach())
+    try:
+        with pytest.raises(RuntimeError, match="no gradient reached attn_head at layer 0"):
+            list(Attributor(lm).estimate(pairs, ["attn_head"], [0]))
+    finally:
+        handle.remove()
+    assert next(iter(Attributor(lm).estimate(pairs, ["attn_head"], [0]))).cells
