@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from actors.arch import SITES, ArchMap
+from actors.engine import hidden_of, installed, output_of
 from actors.loading import LoadedModel
 from actors.targets import EncodedPair
 
@@ -62,16 +63,9 @@ def _frozen(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _hidden(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _site_hooks(arch: ArchMap, site: str, layer: int, store: dict, grad: bool) -> tuple:
-    """(module, register method name, hook) keeping the site's activation in `store`."""
+def _site_hook(arch: ArchMap, site: str, layer: int, store: dict, grad: bool) -> tuple:
+    """(module, kind, hook) for `actors.engine.installed`, keeping the site's activation in
+    `store` (retaining its gradient when `grad`)."""
 
     def keep(x: Tensor) -> None:
         if grad:
@@ -79,29 +73,17 @@ def _site_hooks(arch: ArchMap, site: str, layer: int, store: dict, grad: bool) -
         store[(site, layer)] = x
 
     if site == "resid_pre":
-        return arch.layers[layer], "pre_kwargs", lambda m, a, kw: keep(_hidden(a, kw))
+        return arch.layers[layer], "pre", lambda m, a, kw: keep(hidden_of(a, kw))
     if site == "attn_head":
-        return arch.attn_out[layer], "pre", lambda m, a: keep(a[0])
-    return arch.mlp[layer], "post", lambda m, a, out: keep(_output(out))
+        return arch.attn_out[layer], "pre_args", lambda m, a: keep(a[0])
+    return arch.mlp[layer], "post", lambda m, a, out: keep(output_of(out))
 
 
 @contextlib.contextmanager
 def _capture(arch: ArchMap, cells: Sequence[tuple[str, int]], grad: bool) -> Iterator[dict]:
     store: dict[tuple[str, int], Tensor] = {}
-    handles = []
-    try:
-        for site, layer in cells:
-            module, kind, hook = _site_hooks(arch, site, layer, store, grad)
-            if kind == "pre_kwargs":
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            elif kind == "pre":
-                handles.append(module.register_forward_pre_hook(hook))
-            else:
-                handles.append(module.register_forward_hook(hook))
+    with installed([_site_hook(arch, site, layer, store, grad) for site, layer in cells]):
         yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class Attributor:

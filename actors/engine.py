@@ -134,7 +134,7 @@ class _Stop(Exception):
     (nnsight stops a trace early the same way.)"""
 
 
-def _hidden(args: tuple, kwargs: dict) -> Tensor:
+def hidden_of(args: tuple, kwargs: dict) -> Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -156,18 +156,18 @@ def _readout_positions(module: torch.nn.Module, n: int, width: int) -> list:
         return (args[0][:, -n:].contiguous(), *args[1:])
 
     def pad(module, args, out):
-        padded = torch.nn.functional.pad(_output(out), (0, 0, width - n, 0))
+        padded = torch.nn.functional.pad(output_of(out), (0, 0, width - n, 0))
         return (padded, *out[1:]) if isinstance(out, tuple) else padded
 
     return [(module, "pre_args", keep)] + ([(module, "post", pad)] if n > 1 else [])
 
 
-def _output(out: Any) -> Tensor:
+def output_of(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
 @contextmanager
-def _hooks(registrations: list[tuple[torch.nn.Module, str, Any]]) -> Iterator[None]:
+def installed(registrations: list[tuple[torch.nn.Module, str, Any]]) -> Iterator[None]:
     """Install (module, kind, fn) hooks for the duration of the block; kind is `pre` (forward
     pre-hook with kwargs), `pre_args` (forward pre-hook on positional args) or `post`."""
     handles = []
@@ -210,7 +210,7 @@ class Engine:
         change the batch, so that they see what the layer computes."""
 
         def count(module, args, kwargs):
-            h = _hidden(args, kwargs)
+            h = hidden_of(args, kwargs)
             self.stats.token_layers += h.shape[0] * h.shape[1]
 
         return [(layer, "pre", count) for layer in self.arch.layers]
@@ -239,13 +239,13 @@ class Engine:
 
         def keep(store: dict, layer: int, kind: str):
             def pre(module, args, kwargs):
-                store[layer] = _hidden(args, kwargs)
+                store[layer] = hidden_of(args, kwargs)
 
             def pre_args(module, args):
                 store[layer] = args[0]
 
             def post(module, args, out):
-                store[layer] = _output(out)
+                store[layer] = output_of(out)
 
             return {"pre": pre, "pre_args": pre_args, "post": post}[kind]
 
@@ -259,7 +259,7 @@ class Engine:
         ids = torch.cat([clean_ids, cf_ids]).to(self.device)
         # A cache without the config: full layers, so that sliding-window models keep every key.
         cache = DynamicCache()
-        with _hooks(hooks + self._counting()):
+        with installed(hooks + self._counting()):
             out = self.base(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
         self.stats.forwards += 1
         r = 1 if tokens.dim() == 2 else tokens.shape[1]
@@ -345,7 +345,7 @@ class Engine:
             mlp_values = stack.cf_mlp[layer][slots[mlps], ps.start]
 
             def write_mlp(module, args, out):
-                out = _output(out).clone()
+                out = output_of(out).clone()
                 out[mlp_rows, 0] = mlp_values.to(out.dtype)
                 return out
 
@@ -385,7 +385,7 @@ class Engine:
 
         def enter(layer: int):
             def hook(module, args, kwargs):
-                below = _hidden(args, kwargs)
+                below = hidden_of(args, kwargs)
                 if layer not in joins:  # a pre-pass layer no entry joins: carry one row
                     return _with_hidden(args, kwargs, below[:1])
                 fresh = joins.pop(layer).to(below.dtype)
@@ -396,7 +396,7 @@ class Engine:
 
         def keep(layer: int, a: int, b: int):
             def hook(module, args, out):
-                kept = _output(out)[:, 0].clone()
+                kept = output_of(out)[:, 0].clone()
                 for i in range(a, b):
                     carried[ps.entries[i].patch] = kept[i - a]
                 if layer == ps.last_layer:
@@ -426,7 +426,7 @@ class Engine:
         cache = self._prefix_cache(ps, stack, slots)
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
         self.stats.forwards += 1
-        with _hooks(hooks + self._counting()):
+        with installed(hooks + self._counting()):
             try:
                 out = self.base(input_ids=ids, **kwargs)
             except _Stop:

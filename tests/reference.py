@@ -22,6 +22,16 @@ def n_heads(model) -> int:
     return cfg.n_head if cfg.model_type == "gpt2" else cfg.num_attention_heads
 
 
+def register_hook(module, kind: str, fn):
+    """`pre_kwargs`: a forward pre-hook with kwargs; `pre`: on positional args; else a forward
+    hook."""
+    if kind == "pre_kwargs":
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+    if kind == "pre":
+        return module.register_forward_pre_hook(fn)
+    return module.register_forward_hook(fn)
+
+
 @torch.no_grad()
 def patched_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int, head=None):
     """Last-position logits of the clean run with one activation taken from the cf run."""
@@ -83,11 +93,7 @@ def patched_all_logits(model, clean_ids, cf_ids, site: str, layer: int, pos: int
         return write(kwargs_or_out)
 
     def register(fn):
-        if kind == "pre_kwargs":
-            return module.register_forward_pre_hook(fn, with_kwargs=True)
-        if kind == "pre":
-            return module.register_forward_pre_hook(fn)
-        return module.register_forward_hook(fn)
+        return register_hook(module, kind, fn)
 
     device = next(model.parameters()).device
     handle = register(capture)

@@ -55,11 +55,7 @@ def metric_along(model, pair, site, layer, pos, head, eps: float) -> float:
     }[site]
 
     def register(fn):
-        if kind == "pre_kwargs":
-            return module.register_forward_pre_hook(fn, with_kwargs=True)
-        if kind == "pre":
-            return module.register_forward_pre_hook(fn)
-        return module.register_forward_hook(fn)
+        return reference.register_hook(module, kind, fn)
 
     h = register(grab)
     model(input_ids=torch.tensor([pair.cf_ids]))
