@@ -61,19 +61,25 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
-def continuation(tokenizer: Any, prompt_ids: list[int], prompt: str, text: str) -> list[int]:
-    """The tokens the tokenizer writes for `text` after `prompt` (whose tokens are
-    `prompt_ids`), merges at the boundary being the tokenizer's own.
+def continuations(
+    tokenizer: Any, prompt_ids: list[int], prompt: str, texts: Sequence[str]
+) -> list[list[int]]:
+    """The tokens the tokenizer writes for each of `texts` after `prompt` (whose tokens are
+    `prompt_ids`), merges at the boundary being the tokenizer's own; one tokenizer call.
 
-    Where `text` merges into the prompt's last token, the prompt's tokens are kept and `text`
+    Where a text merges into the prompt's last token, the prompt's tokens are kept and the text
     is tokenized on its own: the model is fed the prompt as it is everywhere else.
     """
-    full = _ids(tokenizer, prompt + text)
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return full[len(prompt_ids) :]
-    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert alone, f"{text!r} tokenizes to nothing"
-    return alone
+    out = []
+    n = len(prompt_ids)
+    for text, full in zip(texts, tokenizer([prompt + t for t in texts])["input_ids"], strict=True):
+        if full[:n] == prompt_ids and len(full) > n:
+            out.append(full[n:])
+            continue
+        alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert alone, f"{text!r} tokenizes to nothing"
+        out.append(alone)
+    return out
 
 
 def is_filler(ch: str) -> bool:
@@ -117,6 +123,7 @@ def ask(
     candidates: Sequence[str],
     prefix: str = "",
     same_length: bool = True,
+    candidate_tokens: Sequence[list[int]] | None = None,
 ) -> Question | Skip:
     """The question of one pair (see the module docstring), or why there is none.
 
@@ -132,8 +139,8 @@ def ask(
         return Skip(
             f"clean and counterfactual tokenize to {len(clean_ids)} and {len(cf_ids)} tokens"
         )
-    clean = continuation(tokenizer, clean_ids, prompt, prefix + answer)
-    cf = continuation(tokenizer, cf_ids, cf_prompt, prefix + cf_answer)
+    (clean,) = continuations(tokenizer, clean_ids, prompt, [prefix + answer])
+    (cf,) = continuations(tokenizer, cf_ids, cf_prompt, [prefix + cf_answer])
     n = 0
     while n < min(len(clean), len(cf)) and clean[n] == cf[n]:
         n += 1
@@ -143,12 +150,10 @@ def ask(
             "the start of the other: no token tells them apart"
         )
     shared = clean[:n]
-    texts = [prompt + prefix + c for c in candidates]
-    following = set()
-    for full in tokenizer(texts)["input_ids"]:
-        cont = full[len(clean_ids) :] if full[: len(clean_ids)] == clean_ids else []
-        if cont[:n] == shared and len(cont) > n:
-            following.add(cont[n])
+    if candidate_tokens is None:
+        texts = [prefix + c for c in candidates]
+        candidate_tokens = continuations(tokenizer, clean_ids, prompt, texts)
+    following = {c[n] for c in candidate_tokens if c[:n] == shared and len(c) > n}
     following |= {clean[n], cf[n]}
     return Question(
         clean_ids=clean_ids + shared,

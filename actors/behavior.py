@@ -27,7 +27,15 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from actors.answers import Question, Skip, ask, choice, continuation, next_tokens, resolve_prefixes
+from actors.answers import (
+    Question,
+    Skip,
+    ask,
+    choice,
+    continuations,
+    next_tokens,
+    resolve_prefixes,
+)
 from actors.loading import LoadedModel
 from orchestrator.tasks import CHAT_TEMPLATE, RAW_TEMPLATE, get_family, parse_answer, render_prompt
 
@@ -81,28 +89,20 @@ def render(tokenizer: Any, program: Any, template: str) -> str:
     return render_prompt(program, resolve_template(template))
 
 
-def first_token_ids(tokenizer: Any, prompt: str, candidates: Sequence[str]) -> list[int] | None:
-    """First token of each candidate after `prompt`, or None if two candidates share one."""
-    base = tokenizer(prompt)["input_ids"]
-    ids = [continuation(tokenizer, base, prompt, c)[0] for c in candidates]
-    return ids if len(set(ids)) == len(ids) else None
-
-
 def family_choice(
-    tokenizer: Any, prompt: str, prefix: str, candidates: Sequence[str]
+    prompt_ids: list[int], candidate_tokens: Sequence[list[int]]
 ) -> tuple[list[int], list[int]] | None:
     """The input of the `logits` method and each candidate's token there: the prompt, then the
-    tokens every candidate's continuation after `prompt + prefix` shares; None where two
-    candidates continue with the same token."""
-    base = tokenizer(prompt)["input_ids"]
-    conts = [continuation(tokenizer, base, prompt, prefix + c) for c in candidates]
+    tokens every candidate's continuation (`candidate_tokens`, after prompt + prefix) shares;
+    None where two candidates continue with the same token."""
+    conts = candidate_tokens
     n = 0
     while all(len(c) > n + 1 for c in conts) and len({c[n] for c in conts}) == 1:
         n += 1
     nxt = [c[n] if len(c) > n else -1 for c in conts]
     if -1 in nxt or len(set(nxt)) != len(nxt):
         return None
-    return base + conts[0][:n], nxt
+    return prompt_ids + conts[0][:n], nxt
 
 
 def behavior_rows(
@@ -134,20 +134,26 @@ def behavior_rows(
     return pa.table(rows, schema=BEHAVIOR_SCHEMA)
 
 
-def question(tokenizer: Any, program: Any, template: str, prefix: str) -> Question | Skip:
-    """`actors.answers.ask` for one program under a template (its counterfactual rendered the
-    same way; a program without one is asked against itself, which only its own answer
-    decides)."""
-    prompt = render(tokenizer, program, template)
+def question(
+    tokenizer: Any, program: Any, template: str, prompt: str, prefix: str
+) -> tuple[Question | Skip, tuple[list[int], list[int]] | None]:
+    """`actors.answers.ask` for one program whose prompt under `template` is `prompt` (its
+    counterfactual rendered the same way; a program without one is asked against another
+    candidate), and the `logits` method's input and tokens (`family_choice`): both from one
+    tokenization of the candidates after prompt + prefix."""
     candidates = get_family(program.task).candidates
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    conts = continuations(tokenizer, prompt_ids, prompt, [prefix + c for c in candidates])
     if program.cf_text is None:
-        other = next((c for c in candidates if c[:1] != program.answer[:1]), program.answer)
-        return ask(tokenizer, prompt, prompt, program.answer, other, candidates, prefix, False)
-    cf = dataclasses.replace(program, text=program.cf_text)
-    cf_prompt = render(tokenizer, cf, template)
-    return ask(
-        tokenizer, prompt, cf_prompt, program.answer, program.cf_answer, candidates, prefix, False
+        cf_prompt = prompt
+        cf_answer = next((c for c in candidates if c[:1] != program.answer[:1]), program.answer)
+    else:
+        cf_prompt = render(tokenizer, dataclasses.replace(program, text=program.cf_text), template)
+        cf_answer = program.cf_answer
+    q = ask(
+        tokenizer, prompt, cf_prompt, program.answer, cf_answer, candidates, prefix, False, conts
     )
+    return q, family_choice(prompt_ids, conts)
 
 
 def asked_columns(tokenizer: Any, q: Question | Skip, prefix: str, top: int, logits) -> dict:
@@ -213,18 +219,14 @@ class HFScorer:
         tok, model = self.lm.tokenizer, self.lm.model
         prompts = [render(tok, p, self.template) for p in programs]
         prefixes = resolve_prefixes(model, tok, prompts, candidates, answer_prefix, self.batch_size)
-        questions = [
-            question(tok, p, self.template, prefix)
-            for p, prefix in zip(programs, prefixes, strict=True)
+        pairs = [
+            question(tok, p, self.template, prompt, prefix)
+            for p, prompt, prefix in zip(programs, prompts, prefixes, strict=True)
         ]
-        choices = None
-        if self.template != CHAT:
-            choices = [
-                family_choice(tok, prompt, prefix, candidates)
-                for prompt, prefix in zip(prompts, prefixes, strict=True)
-            ]
-            if any(c is None for c in choices):
-                choices = None
+        questions = [q for q, _ in pairs]
+        choices = [c for _, c in pairs]
+        if self.template == CHAT or any(c is None for c in choices):
+            choices = None
         # One forward per distinct input, reading every token asked of it.
         wanted: dict[tuple[int, ...], set[int]] = {}
         for q in questions:
@@ -331,8 +333,8 @@ class VLLMScorer:
             nxt = self._next([tok(p)["input_ids"] for p in prompts], [[]] * len(prompts))
             prefixes = [auto_prefix(tok.decode([t]), candidates) for t, _ in nxt]
         questions = [
-            question(tok, p, self.template, prefix)
-            for p, prefix in zip(programs, prefixes, strict=True)
+            question(tok, p, self.template, prompt, prefix)[0]
+            for p, prompt, prefix in zip(programs, prompts, prefixes, strict=True)
         ]
         asked_at = [i for i, q in enumerate(questions) if not isinstance(q, Skip)]
         read = self._next(

@@ -13,7 +13,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from actors.answers import Question, Skip, ask, continuation
+from actors.answers import Question, Skip, ask
 from orchestrator.tasks import get_family
 from orchestrator.tasks.base import Program
 
@@ -61,11 +61,6 @@ class EncodedPair:
         if which == "all":
             return list(range(len(self.clean_ids)))
         return [i for i, label in enumerate(self.labels) if label != OTHER]
-
-
-def answer_token(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> int:
-    """The first token the model must produce after `prompt` to write `answer`."""
-    return continuation(tokenizer, tokenizer(prompt)["input_ids"], prompt, answer)[0]
 
 
 def label_positions(

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from actors import load_model
+from actors.answers import continuations
 from actors.behavior import (
     BEHAVIOR_SCHEMA,
     HFScorer,
-    first_token_ids,
+    family_choice,
     render,
     vllm_next,
     vllm_predictions,
@@ -50,7 +51,10 @@ def test_logits_method_picks_the_best_candidate(lm) -> None:
 
 def test_generation_when_first_tokens_collide(lm) -> None:
     programs = list(iter_programs("range", 0, 4, 3))
-    assert first_token_ids(lm.tokenizer, programs[0].text, get_family("range").candidates) is None
+    text, tok = programs[0].text, lm.tokenizer
+    ids = tok(text)["input_ids"]
+    conts = continuations(tok, ids, text, get_family("range").candidates)
+    assert family_choice(ids, conts) is None
     rows = HFScorer(lm, max_new_tokens=3).score(programs).to_pylist()
     assert {r["method"] for r in rows} == {"generate"}
     for p, row in zip(programs, rows, strict=True):

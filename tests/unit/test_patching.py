@@ -102,6 +102,9 @@ def test_engine_computes_exactly_what_the_plan_says(tiny_models) -> None:
     assert len(waves) == 1
     assert patcher.engine.stats.token_layers == cost.token_layers + cost.runs
     assert patcher.engine.stats.forwards == cost.passes + 2  # one run per program length
+    # The runs read every candidate's token (for choice_correct); the passes only the two
+    # answers' (each pass row gathers its tokens' unembedding rows).
+    assert all(stack.tokens.shape[-1] == 2 for stack, _ in waves[0].stacks.values())
     # Only the last position reaches the readout: one row per main-pass entry, two per program.
     main_rows = sum(len(p.entries) for p in waves[0].plan.passes if p.read == "logits")
     assert patcher.engine.stats.readout_rows == main_rows + 2 * len(programs)

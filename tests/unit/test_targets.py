@@ -2,11 +2,11 @@
 
 import pytest
 
+from actors.answers import continuations
 from actors.targets import (
     OTHER,
     EncodedPair,
     Skip,
-    answer_token,
     encode_pair,
     encode_program,
     label_positions,
@@ -81,9 +81,12 @@ def test_label_positions_prefers_the_later_span() -> None:
     assert label_positions([(0, 1), (1, 2), (2, 3)], spans) == [OTHER, "query_var", "final_colon"]
 
 
-def test_answer_token_follows_the_prompt(bpe_tok, char_tok) -> None:
-    assert char_tok.decode([answer_token(char_tok, "a=5\n#a:", "5")]) == "5"
-    tok = answer_token(bpe_tok, "x = 1\n#x:", "12")
+def test_answer_tokens_follow_the_prompt(bpe_tok, char_tok) -> None:
+    def first(tok, prompt, answer):
+        return continuations(tok, tok(prompt)["input_ids"], prompt, [answer])[0][0]
+
+    assert char_tok.decode([first(char_tok, "a=5\n#a:", "5")]) == "5"
+    tok = first(bpe_tok, "x = 1\n#x:", "12")
     assert "12".startswith(bpe_tok.decode([tok]))
 
 
