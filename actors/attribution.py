@@ -12,27 +12,67 @@ with the engine's metric, `logit(cf answer) - logit(clean answer)` at the last p
 compared tokens of `actors.answers`), so an estimate stands for `patched_logit_diff -
 clean_logit_diff` of the same cell. It is exact where the metric is linear in the activation
 (tests build such a model) and a linearisation elsewhere: saturated attention and layer norms
-are where it errs, which is why cells that matter get checked exactly.
+are where it errs, which is why cells that matter get checked exactly (`verify_top_k`).
+
+Two corrections of AtP*, each switchable:
+* `attention_fix` (`actors.saturation`): a `resid_pre` activation feeds its layer's queries and
+  keys, through a softmax whose gradient vanishes where it saturates. That part of its effect is
+  recomputed: the layer's attention with the counterfactual query and key at the position, the
+  change in the heads' outputs dotted with their gradient.
+* `grad_drop`: an effect can cancel between paths (a head's direct effect against a later
+  layer's compensation). For each layer l, the backward runs again with the gradient through
+  layer l's attention and MLP outputs zeroed (the residual path kept), and the score is
+  `sum_l |estimate_l| / (L - 1)`: a magnitude, in the `grad_drop` column; the signed `estimate`
+  stays plain AtP. A node of layer l gets 0 from its own layer's drop, hence L - 1.
 
 Gradients are taken at the requested sites and layers only: the weights are frozen for the
 backward and the graph starts at the input embeddings. (bitsandbytes' int8 and nf4 layers pass
 no gradient back on a CPU: there the estimate raises, naming the fix.) Programs of one length
 share a forward; each program's metric depends on its own row only, so one backward of their
-sum gives every row's gradients.
+sum gives every row's gradients. Under `batch_size: auto` the programs per backward are sized
+from the memory budget (`Footprint.backward_bytes`), halved on out-of-memory.
 """
 
 import contextlib
 import dataclasses
+import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 from torch import Tensor
 
 from actors.arch import SITES, ArchMap
+from actors.budget import Footprint, auto_budget
 from actors.engine import hidden_of, installed, output_of
+from actors.execute import is_oom
 from actors.loading import LoadedModel
+from actors.patching import PATCHING_SCHEMA, Patcher
+from actors.rows import MIN_DENOMINATOR, append_rows
+from actors.saturation import QKFix
 from actors.targets import EncodedPair
+
+Cell = tuple[str, int, int, int | None]  # site, layer, pos, head
+
+ATTRIBUTION_SCHEMA = pa.schema(
+    [
+        *(PATCHING_SCHEMA.field(name) for name in PATCHING_SCHEMA.names[:13]),
+        ("top1_correct", pa.bool_()),
+        ("cf_top1_correct", pa.bool_()),
+        ("clean_logit_diff", pa.float32()),
+        ("cf_logit_diff", pa.float32()),
+        ("estimate", pa.float32()),
+        ("norm_estimate", pa.float32()),
+        ("grad_drop", pa.float32()),
+        ("attention_fix", pa.bool_()),
+        ("verify", pa.string()),
+        ("exact", pa.float32()),
+        ("norm_exact", pa.float32()),
+        ("exact_flipped", pa.bool_()),
+    ]
+)
+assert ATTRIBUTION_SCHEMA.names[12] == "answer_prefix", ATTRIBUTION_SCHEMA.names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +81,19 @@ class Estimates:
 
     Attributes:
         programs: indices (into the caller's pairs) of the rows.
-        clean_logit_diff: per row, the clean run's metric.
+        clean_logit_diff / cf_logit_diff: per row, each run's metric.
+        clean_top / cf_top: per row, each run's top-1 token at the last position.
         cells: (site, layer) -> estimates `[row, pos]`, or `[row, pos, head]` for `attn_head`.
+        grad_drop: the same shape, the GradDrop scores (None when off).
     """
 
     programs: list[int]
     clean_logit_diff: Tensor
+    cf_logit_diff: Tensor
+    clean_top: Tensor
+    cf_top: Tensor
     cells: dict[tuple[str, int], Tensor]
+    grad_drop: dict[tuple[str, int], Tensor] | None = None
 
 
 @contextlib.contextmanager
@@ -63,13 +109,10 @@ def _frozen(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _site_hook(arch: ArchMap, site: str, layer: int, store: dict, grad: bool) -> tuple:
-    """(module, kind, hook) for `actors.engine.installed`, keeping the site's activation in
-    `store` (retaining its gradient when `grad`)."""
+def _site_hook(arch: ArchMap, site: str, layer: int, store: dict) -> tuple:
+    """(module, kind, hook) for `actors.engine.installed`, keeping the site's activation."""
 
     def keep(x: Tensor) -> None:
-        if grad:
-            x.retain_grad()
         store[(site, layer)] = x
 
     if site == "resid_pre":
@@ -79,32 +122,84 @@ def _site_hook(arch: ArchMap, site: str, layer: int, store: dict, grad: bool) ->
     return arch.mlp[layer], "post", lambda m, a, out: keep(output_of(out))
 
 
-@contextlib.contextmanager
-def _capture(arch: ArchMap, cells: Sequence[tuple[str, int]], grad: bool) -> Iterator[dict]:
-    store: dict[tuple[str, int], Tensor] = {}
-    with installed([_site_hook(arch, site, layer, store, grad) for site, layer in cells]):
-        yield store
+def _capture(arch: ArchMap, cells: Sequence[tuple[str, int]], store: dict):
+    return installed([_site_hook(arch, site, layer, store) for site, layer in cells])
+
+
+def _drop_hooks(arch: ArchMap, dropping: list[int | None]) -> list[tuple]:
+    """Hooks that zero the gradient through layer `dropping[0]`'s attention and MLP outputs
+    (GradDrop); the residual path around them keeps its gradient. `dropping[0] = None`: none."""
+
+    def at(layer: int):
+        def fn(module, args, out):
+            def grad(g: Tensor) -> Tensor:
+                return torch.zeros_like(g) if dropping[0] == layer else g
+
+            if output_of(out).requires_grad:  # else the estimate raises, naming the module
+                output_of(out).register_hook(grad)
+
+        return fn
+
+    modules = [(arch.attn_out[x], x) for x in range(arch.n_layers)]
+    modules += [(arch.mlp[x], x) for x in range(arch.n_layers)]
+    return [(module, "post", at(x)) for module, x in modules]
 
 
 class Attributor:
-    """Attribution estimates on one loaded model. Plain class, like `Patcher`.
+    """Attribution estimates (and their exact checks) on one loaded model. Plain class, like
+    `Patcher`, which it uses to encode programs and to patch the cells it verifies.
 
     Args:
         lm: the loaded model.
-        batch_size: programs per forward and backward.
+        batch_size: programs per forward and backward, or `auto`: from the memory budget.
+        attention_fix / grad_drop: the AtP* corrections (module docstring).
+        budget_bytes: the budget of `auto` (default: from the device's free memory).
 
     Example:
-        >>> pairs = [encode_program(lm.tokenizer, p) for p in programs]
-        >>> for est in Attributor(lm).estimate(pairs, ["resid_pre", "attn_head"]):
-        ...     est.cells[("attn_head", 5)]  # [row, pos, head]
+        >>> table = Attributor(lm).attribute(programs, ["attn_head"], verify_top_k=5)
     """
 
-    def __init__(self, lm: LoadedModel, batch_size: int = 8) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    def __init__(
+        self,
+        lm: LoadedModel,
+        batch_size: int | Literal["auto"] = "auto",
+        attention_fix: bool = False,
+        grad_drop: bool = False,
+        budget_bytes: int | None = None,
+    ) -> None:
         self.lm = lm
         self.arch = lm.arch
         self.batch_size = batch_size
+        self.attention_fix = attention_fix
+        self.grad_drop = grad_drop
+        self.budget_bytes = budget_bytes
+        self.qk = QKFix(lm.model, lm.arch) if attention_fix else None
+        dtype = next(lm.model.parameters()).dtype
+        self.footprint = Footprint.of(lm.arch, lm.model.config, dtype.itemsize)
+        self.patcher = Patcher(lm, batch_size=batch_size, budget_bytes=budget_bytes)
+        self.skipped: list[tuple[Any, str]] = []
+
+    @property
+    def batch_size(self) -> int | Literal["auto"]:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | Literal["auto"]) -> None:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+        self._batch_size = value
+        if hasattr(self, "patcher"):
+            self.patcher.batch_size = value
+
+    def _programs_per_batch(self, n_tokens: int) -> int:
+        if self.batch_size != "auto":
+            return self.batch_size
+        if self.budget_bytes is None:
+            self.budget_bytes = auto_budget(self.lm.device)
+        per_program = self.footprint.backward_bytes(self.arch.n_layers, n_tokens)
+        if self.grad_drop:  # each backward's gradients of the sites are kept at once
+            per_program += per_program // self.arch.n_layers
+        return max(1, self.budget_bytes // per_program)
 
     def _cells(self, sites: Sequence[str], layers: Sequence[int] | None) -> list[tuple[str, int]]:
         bad = [s for s in sites if s not in SITES]
@@ -128,15 +223,33 @@ class Attributor:
 
         Raises:
             ValueError: an unknown site or a layer out of range.
+            torch.OutOfMemoryError: not even one program fits (under `auto`), or a batch does
+                not fit (with an integer batch size).
         """
         cells = self._cells(sites, layers)
         by_length: dict[int, list[int]] = {}
         for g, pair in enumerate(pairs):
             by_length.setdefault(len(pair.clean_ids), []).append(g)
-        for members in by_length.values():
-            for start in range(0, len(members), self.batch_size):
-                part = members[start : start + self.batch_size]
-                yield self._batch([pairs[g] for g in part], part, cells)
+        for n_tokens, members in by_length.items():
+            size = self._programs_per_batch(n_tokens)
+            start = 0
+            while start < len(members):
+                part = members[start : start + size]
+                try:
+                    yield self._batch([pairs[g] for g in part], part, cells)
+                except Exception as err:
+                    if not (is_oom(err) and self.batch_size == "auto" and size > 1):
+                        raise
+                    size = max(1, size // 2)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                start += len(part)
+
+    def _qk_capture(self, cells: list[tuple[str, int]], grad: bool):
+        if self.qk is None:
+            return contextlib.nullcontext()
+        return self.qk.capture(sorted({x for s, x in cells if s == "resid_pre"}), grad)
 
     def _batch(
         self, pairs: list[EncodedPair], programs: list[int], cells: list[tuple[str, int]]
@@ -145,31 +258,228 @@ class Attributor:
         clean = torch.tensor([p.clean_ids for p in pairs], device=device)
         cf = torch.tensor([p.cf_ids for p in pairs], device=device)
         answers = torch.tensor([[p.clean_answer_id, p.cf_answer_id] for p in pairs], device=device)
-        with torch.no_grad(), _capture(self.arch, cells, grad=False) as cf_acts:
-            model(input_ids=cf, logits_to_keep=1)
+        cf_acts: dict = {}
+        with torch.no_grad(), _capture(self.arch, cells, cf_acts), self._qk_capture(cells, False):
+            cf_logits = model(input_ids=cf, logits_to_keep=1, use_cache=False).logits[:, -1]
+        cf_qk = self.qk.taken() if self.qk else None
+        dropping: list[int | None] = [None]
+        drops = _drop_hooks(self.arch, dropping) if self.grad_drop else []
         embed = model.get_input_embeddings()
         start = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        acts: dict = {}
         try:
-            with torch.enable_grad(), _frozen(model), _capture(self.arch, cells, True) as acts:
-                logits = model(input_ids=clean, logits_to_keep=1).logits[:, -1].float()
-                picked = logits.gather(1, answers)
+            with torch.enable_grad(), _frozen(model):
+                with (
+                    _capture(self.arch, cells, acts),
+                    self._qk_capture(cells, True),
+                    installed(drops),
+                ):
+                    logits = model(input_ids=clean, logits_to_keep=1, use_cache=False).logits
+                picked = logits[:, -1].float().gather(1, answers)
                 metric = picked[:, 1] - picked[:, 0]
-                metric.sum().backward()
+                inputs = [acts[c] for c in cells] + (self.qk.inputs() if self.qk else [])
+                grads = torch.autograd.grad(
+                    metric.sum(), inputs, retain_graph=True, allow_unused=True
+                )
+                out = {
+                    c: self._delta(c, cf_acts[c], acts[c], g)
+                    for c, g in zip(cells, grads[: len(cells)], strict=True)
+                }
+                if self.qk:
+                    resid = [c for c in cells if c[0] == "resid_pre"]
+                    fixed = self.qk.correct(
+                        {c: acts[c] for c in resid},
+                        {c: cf_acts[c] for c in resid},
+                        cf_qk,
+                        grads[len(cells) :],
+                    )
+                    for layer, correction in fixed.items():
+                        out[("resid_pre", layer)] = out[("resid_pre", layer)] + correction
+                drop = self._grad_drop(metric, cells, acts, cf_acts, dropping)
         finally:
             start.remove()
-        out = {}
-        heads, d_head = self.arch.n_heads, self.arch.d_head
-        for cell in cells:
-            act, grad = acts[cell].detach(), acts[cell].grad
-            if grad is None:
-                raise RuntimeError(
-                    f"{self.lm.name}: no gradient reached {cell[0]} at layer {cell[1]}: a module "
-                    f"between it and the logits does not pass gradients back (quantization="
-                    f"{self.lm.quantization!r}; bitsandbytes' CPU kernels have no backward); "
-                    "fix: estimate with the model unquantized on a CPU"
-                )
-            delta = (cf_acts[cell] - act) * grad
-            if cell[0] == "attn_head":
-                delta = delta.reshape(*delta.shape[:2], heads, d_head)
-            out[cell] = delta.sum(-1).float()
-        return Estimates(programs, metric.detach(), out)
+        cf_picked = cf_logits.float().gather(1, answers)
+        return Estimates(
+            programs,
+            metric.detach(),
+            cf_picked[:, 1] - cf_picked[:, 0],
+            logits[:, -1].detach().argmax(-1),
+            cf_logits.argmax(-1),
+            out,
+            drop,
+        )
+
+    def _delta(self, cell: tuple[str, int], cf: Tensor, act: Tensor, grad: Tensor | None) -> Tensor:
+        """`(cf - clean) . grad` per row and position (and head)."""
+        if grad is None:
+            raise RuntimeError(
+                f"{self.lm.name}: no gradient reached {cell[0]} at layer {cell[1]}: a module "
+                f"between it and the logits does not pass gradients back (quantization="
+                f"{self.lm.quantization!r}; bitsandbytes' CPU kernels have no backward); "
+                "fix: estimate with the model unquantized on a CPU"
+            )
+        delta = (cf - act.detach()) * grad
+        if cell[0] == "attn_head":
+            delta = delta.reshape(*delta.shape[:2], self.arch.n_heads, self.arch.d_head)
+        return delta.sum(-1).float()
+
+    def _grad_drop(self, metric, cells, acts, cf_acts, dropping) -> dict | None:
+        """`sum_l |estimate with layer l's gradient dropped| / (L - 1)` per cell."""
+        if not self.grad_drop:
+            return None
+        n = self.arch.n_layers
+        total = {c: 0.0 for c in cells}
+        for layer in range(n):
+            dropping[0] = layer
+            grads = torch.autograd.grad(
+                metric.sum(), [acts[c] for c in cells], retain_graph=True, allow_unused=True
+            )
+            for c, g in zip(cells, grads, strict=True):
+                if c[0] != "resid_pre" and c[1] == layer:
+                    continue  # the node's own write is dropped: it gets 0 from this layer
+                total[c] = total[c] + self._delta(c, cf_acts[c], acts[c], g).abs()
+        dropping[0] = None
+        return {c: v / max(1, n - 1) for c, v in total.items()}
+
+    # -- the experiment ---------------------------------------------------------------------
+    def attribute(
+        self,
+        programs: Sequence[Any],
+        sites: Sequence[str] = ("resid_pre",),
+        layers: Sequence[int] | None = None,
+        positions: str = "all",
+        answer_prefix: str = "",
+        verify_top_k: int = 0,
+        seed: int = 0,
+    ) -> pa.Table:
+        """Estimate every cell of the programs; patch `verify_top_k` of each program's largest
+        (by |estimate|, or by the GradDrop score when on) and as many random others exactly.
+
+        Args:
+            programs: `orchestrator.tasks.Program`s (or dicts) with a counterfactual.
+            sites / layers / positions / answer_prefix: as for `Patcher.patch`.
+            verify_top_k: K per program and site (0: no exact patching).
+            seed: with each program's (task, seq_len, index) and the site, seeds its random
+                sample, so a rerun picks the same cells.
+
+        Returns:
+            A table in `ATTRIBUTION_SCHEMA`, one row per cell. Programs that cannot be patched
+            with this tokenizer are in `self.skipped`.
+        """
+        if verify_top_k < 0:
+            raise ValueError(f"verify_top_k={verify_top_k!r} must be >= 0")
+        if positions not in ("all", "targets"):
+            raise ValueError(f"positions={positions!r}; use all or targets")
+        self.patcher.skipped = []
+        encoded = self.patcher.encode(programs, answer_prefix)
+        self.skipped = list(self.patcher.skipped)
+        rows: list[dict] = []
+        for est in self.estimate([pair for _, pair in encoded], sites, layers):
+            for row, g in enumerate(est.programs):
+                rows.extend(_rows(self.lm.name, encoded[g], est, row, positions, self.arch))
+        for r in rows:
+            r["attention_fix"] = self.attention_fix
+        if verify_top_k:
+            self._verify(rows, encoded, sites, layers, positions, verify_top_k, seed)
+        columns = {name: [r.get(name) for r in rows] for name in ATTRIBUTION_SCHEMA.names}
+        return pa.table(columns, schema=ATTRIBUTION_SCHEMA)
+
+    def _verify(self, rows, encoded, sites, layers, positions, k: int, seed: int) -> None:
+        """Mark each program's chosen cells (`verify`) and fill in their exact effects."""
+        by_program: dict[tuple, dict[str, list[dict]]] = {}
+        for r in rows:
+            key = (r["task"], r["seq_len"], r["program"])
+            by_program.setdefault(key, {}).setdefault(r["site"], []).append(r)
+        cells: dict[tuple, set[Cell]] = {}
+        score = "grad_drop" if self.grad_drop else "estimate"
+        for key, per_site in by_program.items():
+            for site, mine in per_site.items():
+                rng = random.Random(f"{seed}/{key[0]}/{key[1]}/{key[2]}/{site}")
+                for r, kind in choose(mine, score, k, rng):
+                    r["verify"] = kind
+                    cells.setdefault(key, set()).add((r["site"], r["layer"], r["pos"], r["head"]))
+        columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
+        for wave in self.patcher.run_pairs(encoded, sites, layers, positions, cells):
+            append_rows(columns, self.lm.name, "first_token", wave, self.lm.tokenizer)
+        exact = {}
+        for r in pa.table(columns, schema=PATCHING_SCHEMA).to_pylist():
+            key = (
+                r["task"],
+                r["seq_len"],
+                r["program"],
+                r["site"],
+                r["layer"],
+                r["pos"],
+                r["head"],
+            )
+            exact[key] = r
+        for r in rows:
+            if r.get("verify") is None:
+                continue
+            e = exact[
+                (r["task"], r["seq_len"], r["program"], r["site"], r["layer"], r["pos"], r["head"])
+            ]
+            r["exact"] = e["patched_logit_diff"] - e["clean_logit_diff"]
+            r["norm_exact"] = e["norm_effect"]
+            r["exact_flipped"] = e["flipped"]
+
+
+def _cell_of(row: dict) -> tuple:
+    """A row's program and cell: (task, seq_len, program, site, layer, pos, head)."""
+    return tuple(row[k] for k in ("task", "seq_len", "program", "site", "layer", "pos", "head"))
+
+
+def choose(rows: list[dict], score: str, k: int, rng: random.Random) -> list[tuple[dict, str]]:
+    """The k rows of largest |score| (`top`) and k others drawn at random (`random`)."""
+    order = sorted(range(len(rows)), key=lambda i: -abs(rows[i][score] or 0.0))
+    top, rest = order[:k], sorted(order[k:])
+    picked = rng.sample(rest, min(k, len(rest)))
+    return [(rows[i], "top") for i in top] + [(rows[i], "random") for i in picked]
+
+
+def _rows(
+    model: str,
+    encoded: tuple[dict, EncodedPair],
+    est: Estimates,
+    row: int,
+    positions,
+    arch: ArchMap,
+) -> Iterator[dict]:
+    """One program's rows: every (site, layer) of the batch, each position (and head)."""
+    prog, pair = encoded
+    clean, cf = float(est.clean_logit_diff[row]), float(est.cf_logit_diff[row])
+    denom = cf - clean
+    fixed = {
+        "model": model,
+        "task": prog["task"],
+        "seq_len": prog["seq_len"],
+        "program": prog["index"],
+        "clean_answer": prog["answer"],
+        "cf_answer": prog["cf_answer"],
+        "answer_prefix": pair.prefix,
+        "top1_correct": int(est.clean_top[row]) == pair.clean_answer_id,
+        "cf_top1_correct": int(est.cf_top[row]) == pair.cf_answer_id,
+        "clean_logit_diff": clean,
+        "cf_logit_diff": cf,
+    }
+    wanted = pair.positions(positions)
+    for (site, layer), values in est.cells.items():
+        values = values[row].cpu()
+        drop = est.grad_drop[(site, layer)][row].cpu() if est.grad_drop else None
+        heads = range(arch.n_heads) if site == "attn_head" else [None]
+        for pos in wanted:
+            for head in heads:
+                at = (pos,) if head is None else (pos, head)
+                value = float(values[at])
+                yield {
+                    **fixed,
+                    "site": site,
+                    "layer": layer,
+                    "head": head,
+                    "pos": pos,
+                    "token": pair.tokens[pos],
+                    "label": pair.labels[pos],
+                    "estimate": value,
+                    "norm_estimate": value / denom if abs(denom) >= MIN_DENOMINATOR else None,
+                    "grad_drop": None if drop is None else float(drop[at]),
+                }

@@ -60,6 +60,12 @@ class Footprint:
             width * self.per_token + context * self.per_context + width * context * self.per_score
         )
 
+    def backward_bytes(self, n_layers: int, n_tokens: int) -> int:
+        """Peak bytes of one program's forward and backward with its graph kept (attribution,
+        `actors.attribution`): every layer's activations and attention scores are saved for
+        the backward, and each takes a gradient of its size."""
+        return 2 * n_layers * (n_tokens * self.per_token + n_tokens**2 * self.per_score)
+
     def stack_bytes(self, reads: Reads, n_tokens: int) -> int:
         """Bytes kept per program by the clean and counterfactual runs (`engine.Stack`), plus
         the two rows of their forward."""

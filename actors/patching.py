@@ -25,7 +25,7 @@ The result equals one full forward per patch with plain hooks (tests check it ag
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -48,6 +48,8 @@ from orchestrator.tasks import get_family
 logger = logging.getLogger(__name__)
 
 Metric = Literal["first_token", "answer_logprob"]
+Cells = Mapping[tuple[str, int, int], Collection[tuple[str, int, int, int | None]]]
+"""(task, seq_len, index) of a program -> the (site, layer, pos, head) cells to patch."""
 METRICS: tuple[str, ...] = ("first_token", "answer_logprob")
 
 PATCHING_SCHEMA = pa.schema(
@@ -151,9 +153,10 @@ class Patcher:
         return row_limit(self.footprint, self._budget(), max_rows)
 
     # -- plan -------------------------------------------------------------------------------
-    def _encode(
-        self, programs: Sequence[Any], answer_prefix: str
-    ) -> list[tuple[dict, EncodedPair]]:
+    def encode(self, programs: Sequence[Any], answer_prefix: str) -> list[tuple[dict, EncodedPair]]:
+        """Tokenized pairs of the programs that can be patched (the others go to
+        `self.skipped`, with the reason), under the answer prefix (`auto`: one greedy forward
+        per program)."""
         progs = [p if isinstance(p, dict) else p.to_dict() for p in programs]
         prefixes = [answer_prefix] * len(progs)
         if answer_prefix == AUTO:  # one greedy forward per program, a family at a time
@@ -180,12 +183,17 @@ class Patcher:
     def _units(self, pairs: list[tuple[dict, EncodedPair]]) -> list[Unit]:
         return units([pair for _, pair in pairs], self.metric)
 
-    def _plan(self, pairs, sites, layers, positions) -> Plan:
-        shapes = [u.shape(pairs[u.source][1], positions) for u in self._units(pairs)]
+    def _plan(self, pairs, sites, layers, positions, cells: Cells | None = None) -> Plan:
+        programs = self._units(pairs)
+        shapes = [u.shape(pairs[u.source][1], positions) for u in programs]
         n = self.arch.n_layers
         layers = list(range(n)) if layers is None else list(layers)
+        keep = None
+        if cells is not None:
+            wanted = [cells.get(program_key(pairs[u.source][0]), ()) for u in programs]
+            keep = lambda g, site, layer, pos, head: (site, layer, pos, head) in wanted[g]  # noqa: E731
         try:
-            return build_plan(shapes, sites, layers, n, self.arch.n_heads, self._row_limit())
+            return build_plan(shapes, sites, layers, n, self.arch.n_heads, self._row_limit(), keep)
         except ValueError as err:
             raise ValueError(f"{self.lm.name}: {err}") from None
 
@@ -200,7 +208,7 @@ class Patcher:
         """The plan `patch` would run for these arguments (nothing runs but, under `auto`, the
         prefix's greedy forward)."""
         _check_arguments(sites, positions)
-        return self._plan(self._encode(programs, answer_prefix), sites, layers, positions)
+        return self._plan(self.encode(programs, answer_prefix), sites, layers, positions)
 
     # -- execute ----------------------------------------------------------------------------
     def _stack_wave(self, pairs: list[tuple[dict, EncodedPair]], reads: Reads) -> int:
@@ -276,11 +284,24 @@ class Patcher:
         layers: Sequence[int] | None = None,
         positions: str = "all",
         answer_prefix: str = "",
+        cells: Cells | None = None,
     ) -> Iterator[Wave]:
         """Patch the programs, a wave of programs at a time (as many as the memory budget keeps
         at once); arguments as for `patch`. Yields each wave's plan and readouts."""
         _check_arguments(sites, positions)
-        pairs = self._encode(programs, answer_prefix)
+        pairs = self.encode(programs, answer_prefix)
+        return self.run_pairs(pairs, sites, layers, positions, cells)
+
+    def run_pairs(
+        self,
+        pairs: list[tuple[dict, EncodedPair]],
+        sites: Sequence[str] = ("resid_pre",),
+        layers: Sequence[int] | None = None,
+        positions: str = "all",
+        cells: Cells | None = None,
+    ) -> Iterator[Wave]:
+        """`run` on programs already encoded (`encode`)."""
+        _check_arguments(sites, positions)
         if not pairs:
             self._plan(pairs, sites, layers, positions)  # the arguments' checks
             return
@@ -291,7 +312,7 @@ class Patcher:
         wave = self._stack_wave(pairs, self._plan(pairs[:1], sites, layers, positions).reads)
         for start in range(0, len(pairs), wave):
             part = pairs[start : start + wave]
-            plan = self._plan(part, sites, layers, positions)
+            plan = self._plan(part, sites, layers, positions, cells)
             self.last_plan = plan
             yield Wave(plan, part, *self._execute(plan, part))
 
@@ -302,6 +323,7 @@ class Patcher:
         layers: Sequence[int] | None = None,
         positions: str = "all",
         answer_prefix: str = "",
+        cells: Cells | None = None,
     ) -> pa.Table:
         """Patch every program at every (site, layer, position[, head]); one row per patch.
 
@@ -313,6 +335,8 @@ class Patcher:
             positions: `all` token positions, or only the labelled `targets`.
             answer_prefix: the text between prompt and answer (`actors.answers`), or `auto`:
                 from the model's greedy next token, per program.
+            cells: only these cells: `(task, seq_len, index)` -> a set of (site, layer, pos,
+                head) (head None but for `attn_head`); a program not in it gets no row.
 
         Returns:
             A table in `PATCHING_SCHEMA`. Programs that cannot be patched with this tokenizer
@@ -324,9 +348,14 @@ class Patcher:
                 with an integer batch size, the first time a forward does not fit.
         """
         columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
-        for wave in self.run(programs, sites, layers, positions, answer_prefix):
+        for wave in self.run(programs, sites, layers, positions, answer_prefix, cells):
             append_rows(columns, self.lm.name, self.metric, wave, self.lm.tokenizer)
         return pa.table(columns, schema=PATCHING_SCHEMA)
+
+
+def program_key(program: dict) -> tuple[str, int, int]:
+    """(task, seq_len, index): a program's identity in a sweep."""
+    return program["task"], program["seq_len"], program["index"]
 
 
 def _check_arguments(sites: Sequence[str], positions: str) -> None:

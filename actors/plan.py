@@ -294,6 +294,8 @@ class Plan:
 
 RowLimit = Callable[[int, int], int]
 """Rows allowed in one pass, given (positions fed, positions attended): see `actors.budget`."""
+Keep = Callable[[int, str, int, int, int | None], bool]
+"""Whether to patch (program, site, layer, pos, head): an explicit set of cells instead of all."""
 
 
 def _free(shape: ProgramShape, n_layers: int, site: str, layer: int, pos: int) -> Free | None:
@@ -312,8 +314,10 @@ def list_patches(
     layers: Sequence[int],
     n_layers: int,
     n_heads: int,
+    keep: Keep | None = None,
 ) -> list[Patch]:
-    """Every patch, in output order: program, site, layer, position, head."""
+    """Every patch (or every one `keep` accepts), in output order: program, site, layer,
+    position, head."""
     patches = []
     for g, shape in enumerate(programs):
         for site in sites:
@@ -321,7 +325,11 @@ def list_patches(
                 for pos in shape.positions:
                     free = _free(shape, n_layers, site, layer, pos)
                     heads: Iterable[int | None] = range(n_heads) if site == "attn_head" else [None]
-                    patches.extend(Patch(g, site, layer, pos, h, free) for h in heads)
+                    patches.extend(
+                        Patch(g, site, layer, pos, h, free)
+                        for h in heads
+                        if keep is None or keep(g, site, layer, pos, h)
+                    )
     return patches
 
 
@@ -353,8 +361,10 @@ def build_plan(
     n_layers: int,
     n_heads: int,
     row_limit: RowLimit,
+    keep: Keep | None = None,
 ) -> Plan:
-    """Plan every patch of `programs` at `sites` x `layers` x each program's positions.
+    """Plan every patch of `programs` at `sites` x `layers` x each program's positions (or
+    only the cells `keep` accepts: the passes then hold those alone).
 
     Args:
         programs: the tokenized pairs' shapes.
@@ -362,6 +372,7 @@ def build_plan(
         layers: layer indices, each in 0..n_layers-1.
         n_layers / n_heads: the model's.
         row_limit: rows allowed per pass given (positions fed, positions attended).
+        keep: which (program, site, layer, pos, head) cells to patch (default: all).
 
     Returns:
         The plan; its `patches` are in output order.
@@ -375,7 +386,7 @@ def build_plan(
     out_of_range = [x for x in layers if not 0 <= x < n_layers]
     if out_of_range:
         raise ValueError(f"layers {out_of_range} out of range: the model has 0..{n_layers - 1}")
-    patches = list_patches(programs, sites, layers, n_layers, n_heads)
+    patches = list_patches(programs, sites, layers, n_layers, n_heads, keep)
     pre: dict[tuple[int, int, int], list[Entry]] = {}
     main: dict[tuple[int, int, int], list[Entry]] = {}
     for i, patch in enumerate(patches):

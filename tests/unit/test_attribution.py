@@ -192,3 +192,58 @@ def test_a_model_that_passes_no_gradient_back_is_named(tmp_path) -> None:
     finally:
         handle.remove()
     assert next(iter(Attributor(lm).estimate(pairs, ["attn_head"], [0]))).cells
+
+
+def test_attribute_rows_and_their_exact_checks(tmp_path) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "llama", n_layers=3)))
+    progs = programs()
+    sites, k = ["resid_pre", "attn_head"], 3
+    attributor = Attributor(lm, batch_size=2)
+    rows = attributor.attribute(progs, sites, None, "targets", verify_top_k=k, seed=0).to_pylist()
+    pairs = [encode_program(lm.tokenizer, p) for p in progs]
+    assert len(rows) == sum(len(p.positions("targets")) * 3 * (1 + 4) for p in pairs)
+    # The exact checks patched the chosen cells alone: 2k per program and site.
+    assert attributor.patcher.last_plan is not None
+    assert attributor.patcher.last_plan.cost().patches == 2 * k * len(sites) * len(progs)
+    full = Patcher(lm).patch(progs, sites, None, "targets").to_pylist()
+    exact = {
+        (r["program"], r["seq_len"], r["site"], r["layer"], r["pos"], r["head"]): r for r in full
+    }
+    by_group: dict = {}
+    for r in rows:
+        by_group.setdefault((r["program"], r["seq_len"], r["site"]), []).append(r)
+        e = exact[(r["program"], r["seq_len"], r["site"], r["layer"], r["pos"], r["head"])]
+        assert r["top1_correct"] == e["top1_correct"]
+        assert r["clean_logit_diff"] == pytest.approx(e["clean_logit_diff"], abs=1e-5)
+        if r["verify"] is None:
+            assert r["exact"] is None and r["norm_exact"] is None
+            continue
+        # Patching the chosen cells alone gives what patching every cell gives them.
+        assert r["exact"] == pytest.approx(
+            e["patched_logit_diff"] - e["clean_logit_diff"], abs=1e-5
+        )
+        assert r["norm_exact"] == pytest.approx(e["norm_effect"], abs=1e-5)
+        assert r["exact_flipped"] == e["flipped"]
+    for group in by_group.values():
+        kinds = [r["verify"] for r in group]
+        assert kinds.count("top") == k and kinds.count("random") == k
+        largest = sorted(abs(r["estimate"]) for r in group)[-k:]
+        assert sorted(abs(r["estimate"]) for r in group if r["verify"] == "top") == largest
+    again = attributor.attribute(progs, sites, None, "targets", verify_top_k=k, seed=0)
+    assert again.column("verify").to_pylist() == [r["verify"] for r in rows]
+    other = attributor.attribute(progs, sites, None, "targets", verify_top_k=k, seed=1)
+    assert other.column("verify").to_pylist() != [r["verify"] for r in rows]
+
+
+def test_auto_batches_from_the_memory_budget(tmp_path) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "qwen3", n_layers=2)))
+    pairs = [encode_program(lm.tokenizer, p) for p in programs()]
+    tight = Attributor(lm, batch_size="auto", budget_bytes=1)
+    assert tight._programs_per_batch(len(pairs[0].clean_ids)) == 1
+    roomy = Attributor(lm, batch_size="auto", budget_bytes=1 << 30)
+    assert roomy._programs_per_batch(len(pairs[0].clean_ids)) >= 3
+    one = {g: b.cells for b in tight.estimate(pairs, SITES) for g in b.programs}
+    for batch in roomy.estimate(pairs, SITES):
+        for row, g in enumerate(batch.programs):
+            for cell, values in batch.cells.items():
+                torch.testing.assert_close(values[row], one[g][cell][0], rtol=1e-4, atol=1e-5)

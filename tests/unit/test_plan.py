@@ -278,3 +278,27 @@ def test_flops_with_readout_positions_by_hand() -> None:
     assert pass_flops(narrow, dims) == 2 * per_layer + 2 * 4 * 10 * 2
     per_run = 2 * (2 * 100 * 4 + 4 * 8 * (1 + 2 + 3 + 4))
     assert flops(plan, dims)["runs"] == 2 * (per_run + 2 * 4 * 10 * 2)
+
+
+def test_a_keep_filter_plans_the_chosen_cells_alone() -> None:
+    shapes = [ProgramShape(9, (2,), tuple(range(9))), ProgramShape(9, (3,), tuple(range(9)))]
+    unlimited = lambda width, context: 1 << 20  # noqa: E731
+    full = build_plan(shapes, ["resid_pre", "attn_head"], [0, 1, 2], 3, 2, unlimited)
+    chosen = {(0, "attn_head", 1, 4, 1), (1, "resid_pre", 2, 8, None), (1, "resid_pre", 0, 1, None)}
+    kept = build_plan(
+        shapes,
+        ["resid_pre", "attn_head"],
+        [0, 1, 2],
+        3,
+        2,
+        unlimited,
+        keep=lambda g, site, layer, pos, head: (g, site, layer, pos, head) in chosen,
+    )
+    assert {(p.program, p.site, p.layer, p.pos, p.head) for p in kept.patches} == chosen
+    assert [
+        p for p in full.patches if (p.program, p.site, p.layer, p.pos, p.head) in chosen
+    ] == list(kept.patches)
+    rows = [e.patch for ps in kept.passes for e in ps.entries if ps.read == "logits"]
+    # One of the three is free (before the first changed position): two rows in the passes.
+    assert sorted({kept.patches[i].pos for i in rows}) == [4, 8]
+    assert kept.cost().token_layers < full.cost().token_layers
