@@ -26,8 +26,10 @@ Two corrections of AtP*, each switchable:
   stays plain AtP. A node of layer l gets 0 from its own layer's drop, hence L - 1.
 
 Gradients are taken at the requested sites and layers only: the weights are frozen for the
-backward and the graph starts at the input embeddings. (bitsandbytes' int8 and nf4 layers pass
-no gradient back on a CPU: there the estimate raises, naming the fix.) Programs of one length
+backward and the graph starts at the input embeddings. Quantized models work: bitsandbytes'
+int8 and 4-bit layers pass the gradient to their input (its packed 4-bit CPU kernel through
+`actors.quantized`); a module that passes none makes the estimate raise, naming it and the fix.
+Programs of one length
 share a forward; each program's metric depends on its own row only, so one backward of their
 sum gives every row's gradients. Under `batch_size: auto` the programs per backward are sized
 from the memory budget (`Footprint.backward_bytes`), halved on out-of-memory.
@@ -49,6 +51,7 @@ from actors.engine import hidden_of, installed, output_of
 from actors.execute import is_oom
 from actors.loading import LoadedModel
 from actors.patching import PATCHING_SCHEMA, Patcher
+from actors.quantized import gradients_through_4bit
 from actors.rows import MIN_DENOMINATOR, append_rows
 from actors.saturation import QKFix
 from actors.targets import EncodedPair
@@ -268,7 +271,7 @@ class Attributor:
         start = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
         acts: dict = {}
         try:
-            with torch.enable_grad(), _frozen(model):
+            with torch.enable_grad(), _frozen(model), gradients_through_4bit(model):
                 with (
                     _capture(self.arch, cells, acts),
                     self._qk_capture(cells, True),
@@ -315,8 +318,9 @@ class Attributor:
             raise RuntimeError(
                 f"{self.lm.name}: no gradient reached {cell[0]} at layer {cell[1]}: a module "
                 f"between it and the logits does not pass gradients back (quantization="
-                f"{self.lm.quantization!r}; bitsandbytes' CPU kernels have no backward); "
-                "fix: estimate with the model unquantized on a CPU"
+                f"{self.lm.quantization!r}); fix: load the model with quantization: none, or "
+                "give that module's kernel a backward (as actors/quantized.py does for "
+                "bitsandbytes' packed 4-bit layers)"
             )
         delta = (cf - act.detach()) * grad
         if cell[0] == "attn_head":

@@ -5,24 +5,27 @@ protocol of `orchestrator.protocol`: built from a `WorkerConfig`, `run(Shard)` r
 shard's programs from (seed, task, seq_len, indices) — programs never cross Ray — and returns a
 `ShardResult` of Arrow tables.
 
-Out of memory: with a whole-number `batch_size` the worker halves its patching batch and tries
-again, and at one patch per forward raises `ShardOutOfMemory`, so the driver splits the shard.
-With `batch_size: auto` the engine already sizes and shrinks its chunks, and re-raises only when
-one row does not fit: the worker then raises `ShardOutOfMemory` at once.
+Out of memory, the same for patching and attribution: with a whole-number `batch_size` the
+worker halves its batch (patches, or programs per forward and backward) and tries again, and at
+a batch of one raises `ShardOutOfMemory`, so the driver splits the shard. With `batch_size:
+auto` the patcher or attributor already sizes and shrinks its batches, and re-raises only when
+one does not fit: the worker then raises `ShardOutOfMemory` at once.
 
 Tests inject faults through a subclass (`tests/integration/faults.py`), which overrides
-`run` and `_patch`; nothing here reads a fault switch.
+`run`, `_patch` or `_attribute`; nothing here reads a fault switch.
 """
 
 import logging
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
 
+from actors.attribution import Attributor
 from actors.behavior import HFScorer, VLLMScorer, vllm_available
 from actors.execute import is_oom
 from actors.loading import LoadedModel, load_model
@@ -63,13 +66,15 @@ class ModelWorker:
         self.config = config
         self._lm: LoadedModel | None = None
         self._patcher: Patcher | None = None
+        self._attributor: Attributor | None = None
         self._scorer: Any = None
         behavior = config.behavior
         backend = behavior.backend if behavior is not None else "hf"
         self.backend = (
             "vllm" if backend == "vllm" or (backend == "auto" and vllm_available()) else "hf"
         )
-        if config.patching is not None or (behavior is not None and self.backend == "hf"):
+        intervenes = config.patching is not None or config.attribution is not None
+        if intervenes or (behavior is not None and self.backend == "hf"):
             self._load()
 
     def _load(self) -> LoadedModel:
@@ -102,18 +107,21 @@ class ModelWorker:
         """Run one shard.
 
         Returns:
-            Its rows, and for patching the programs that could not be patched.
+            Its rows, and for patching and attribution the programs left out, with why.
 
         Raises:
-            ShardOutOfMemory: a patching shard that does not fit one patch per forward.
+            ShardOutOfMemory: a patching shard that does not fit one patch per forward, or an
+                attribution shard that does not fit one program per forward and backward.
         """
         start = time.perf_counter()
         programs = self.programs(shard)
         skipped = SKIPPED_SCHEMA.empty_table()
         if shard.kind == "behavior":
             table = self._behavior(programs, shard)
-        else:
+        elif shard.kind == "patching":
             table, skipped = self._patching(shard, programs)
+        else:
+            table, skipped = self._attribution(shard, programs)
         return ShardResult(
             table=table,
             skipped=skipped,
@@ -155,31 +163,95 @@ class ModelWorker:
         if self._patcher is None:
             self._patcher = Patcher(self._load(), batch_size=spec.batch_size, metric=spec.metric)
         patcher = self._patcher
-        batch = spec.batch_size
+        table = self._fit(
+            patcher,
+            spec.batch_size,
+            lambda: self._patch(patcher, programs, shard),
+            f"shard {shard.file_stem}: out of memory at one patch per forward",
+            shard,
+        )
+        return table, self._skipped(patcher.skipped)
+
+    def _attribute(self, attributor: Attributor, programs: list[Program], shard: Shard) -> pa.Table:
+        """One attempt at the shard with the attributor's current batch size (tests override
+        this to run out of memory on purpose)."""
+        spec = self.config.attribution
+        assert spec is not None and shard.layers is not None, shard
+        return attributor.attribute(
+            programs,
+            sites=[shard.site],
+            layers=list(shard.layers),
+            positions=spec.positions,
+            answer_prefix=self._prefix(shard),
+            verify_top_k=spec.verify_top_k,
+            seed=self.config.seed,
+        )
+
+    def _attribution(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
+        spec = self.config.attribution
+        assert spec is not None, "an attribution shard reached a worker without its settings"
+        if self._attributor is None:
+            self._attributor = Attributor(
+                self._load(),
+                batch_size=spec.batch_size,
+                attention_fix=spec.attention_fix,
+                grad_drop=spec.grad_drop,
+            )
+        attributor = self._attributor
+        table = self._fit(
+            attributor,
+            spec.batch_size,
+            lambda: self._attribute(attributor, programs, shard),
+            f"shard {shard.file_stem}: out of memory at one program per forward and backward",
+            shard,
+        )
+        return table, self._skipped(attributor.skipped)
+
+    def _fit(
+        self,
+        tool: Any,
+        batch: int | Literal["auto"],
+        attempt: Callable[[], pa.Table],
+        too_big: str,
+        shard: Shard,
+    ) -> pa.Table:
+        """`attempt()` with `tool.batch_size` set from `batch`, halving it on out of memory.
+
+        Args:
+            tool: the patcher or attributor (its `batch_size` is set before each attempt).
+            batch: the spec's batch size; `auto` leaves the tool's own sizing alone.
+            attempt: runs the shard once.
+            too_big: the start of the message when not even a batch of one fits.
+            shard: the shard (for the messages).
+
+        Raises:
+            ShardOutOfMemory: out of memory at batch 1, or at once under `auto` (the tool has
+                already shrunk its own batches as far as they go).
+        """
         while True:
             if batch != "auto":
-                patcher.batch_size = batch
+                tool.batch_size = batch
             try:
-                table = self._patch(patcher, programs, shard)
-                break
+                return attempt()
             except Exception as err:
                 if not is_oom(err):
                     raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if batch == "auto" or batch == 1:
-                    # `auto`: the engine has already shrunk its chunks down to one row.
                     raise ShardOutOfMemory(
-                        f"shard {shard.file_stem}: out of memory at one patch per forward "
-                        f"({len(shard.layers or ())} layers, {len(programs)} programs)"
+                        f"{too_big} ({len(shard.layers or ())} layers, {shard.n} programs)"
                     ) from None
                 batch = max(1, batch // 2)
                 logger.warning("shard %s: out of memory; retrying with batch %d", shard.id, batch)
-        skipped = {
-            "model": [self.config.model.id] * len(patcher.skipped),
-            "task": [p["task"] for p, _ in patcher.skipped],
-            "seq_len": [p["seq_len"] for p, _ in patcher.skipped],
-            "program": [p["index"] for p, _ in patcher.skipped],
-            "reason": [reason for _, reason in patcher.skipped],
+
+    def _skipped(self, skipped: list[tuple[dict, str]]) -> pa.Table:
+        """The programs a tool left out, with the reason, as rows of `SKIPPED_SCHEMA`."""
+        rows = {
+            "model": [self.config.model.id] * len(skipped),
+            "task": [p["task"] for p, _ in skipped],
+            "seq_len": [p["seq_len"] for p, _ in skipped],
+            "program": [p["index"] for p, _ in skipped],
+            "reason": [reason for _, reason in skipped],
         }
-        return table, pa.table(skipped, schema=SKIPPED_SCHEMA)
+        return pa.table(rows, schema=SKIPPED_SCHEMA)

@@ -5,7 +5,7 @@ python -m analysis RESULTS_DIR                 # summary tables, the prompt chec
                                                # RESULTS_DIR/charts
 python -m analysis RESULTS_DIR --sql "SELECT model, avg(correct::INT) FROM behavior GROUP BY 1"
 python -m analysis RESULTS_DIR --shell         # type SQL at a prompt; views: programs,
-                                               # behavior, patching, skipped
+                                               # behavior, patching, attribution, skipped
 """
 
 import argparse
@@ -24,6 +24,8 @@ CHARTS = {
     "patching_heatmap": (queries.HEATMAP_BY_LABEL, charts.patching_heatmap),
     "flip_rate": (queries.FLIP_RATE, charts.flip_rate),
     "heads": (queries.HEADS, charts.heads),
+    "attribution_scatter": (queries.ATTRIBUTION_VERIFIED, charts.attribution_scatter),
+    "attribution_heatmap": (queries.ATTRIBUTION_HEATMAP, charts.attribution_heatmap),
 }
 
 
@@ -62,6 +64,13 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
         )
     elif cover.rows_all:  # every program filtered out: say so, the prompt check says why
         out.append(f"top (site, layer, label) cells: none ({kept})")
+    agreement = queries.run(con, queries.AGREEMENT)
+    if len(agreement):
+        out.append(
+            "attribution estimate against exact patching, verified cells (top_k_recall: share "
+            "of a program's k largest |exact| within its 2k largest |estimate|)\n"
+            + show(agreement, "table")
+        )
     check = prompts.prompt_check(con)
     if check:
         out.append(prompts.format_prompt_check(check))
@@ -69,7 +78,10 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
 
 
 def shell(con: duckdb.DuckDBPyConnection, fmt: str) -> int:
-    print("views: programs, behavior, patching, skipped. End a query with ';'. Ctrl-D quits.")
+    print(
+        "views: programs, behavior, patching, attribution, skipped. "
+        "End a query with ';'. Ctrl-D quits."
+    )
     buffer = ""
     while True:
         try:

@@ -135,9 +135,8 @@ def _label_order(labels) -> list[str]:
     return refs + rest
 
 
-def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
-    """Layer x token label, colour = mean normalized effect, one panel per model and site."""
-    use_theme()
+def _label_heatmap(df: pd.DataFrame, *extra: str) -> alt.Chart:
+    """One layer x token label panel of `mean_effect`; `extra` columns join the tooltip."""
     return (
         alt.Chart(df)
         .mark_rect()
@@ -153,6 +152,7 @@ def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
             tooltip=[
                 "model",
                 "site",
+                *extra,
                 "layer",
                 "label",
                 alt.Tooltip("mean_effect:Q", format=".3f"),
@@ -160,8 +160,74 @@ def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
             ],
         )
         .properties(width=PANEL, height=PANEL)
+    )
+
+
+def patching_heatmap(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x token label, colour = mean normalized effect, one panel per model and site."""
+    use_theme()
+    return (
+        _label_heatmap(df)
         .facet(row=alt.Row("site:N", title=None), column=alt.Column("model:N", title=None))
         .properties(title="Effect of patching the counterfactual in, by layer and token")
+    )
+
+
+def _per_model(df: pd.DataFrame, panel: pd.Series) -> pd.Series:
+    """`panel`, prefixed with the row's model where the frame holds several."""
+    return df["model"] + " · " + panel if df["model"].nunique() > 1 else panel
+
+
+def attribution_heatmap(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x token label of the mean normalized estimate (`kind` = estimate), beside the exact
+    patching effect (`kind` = exact) where the run has it for the site, one row per site; the
+    colour scale is the patching heatmap's, shared by both."""
+    use_theme()
+    data = df.assign(panel=_per_model(df, df["kind"]))
+    return (
+        _label_heatmap(data, "kind")
+        .facet(row=alt.Row("site:N", title=None), column=alt.Column("panel:N", title=None))
+        .properties(title="Attribution estimate beside exact patching, by layer and token")
+    )
+
+
+def _rho(value: float) -> str:
+    return "ρ n/a" if pd.isna(value) else f"ρ = {value:.2f}"
+
+
+def attribution_scatter(df: pd.DataFrame) -> alt.FacetChart:
+    """Estimate against exact effect (both in logit-diff units) of the verified cells, one panel
+    per site (and model, if several) titled with its Spearman ρ and number of cells `n`; colour:
+    why a cell was verified (`top`: among its program's largest estimates, or `random`). The
+    dashed diagonal is y = x; each panel has its own scales (heads move less than the stream)."""
+    use_theme()
+    title = df["site"] + " · " + df["spearman"].map(_rho) + ", n = " + df["n"].astype(str)
+    base = alt.Chart()
+    points = base.mark_point(opacity=0.6).encode(
+        x=alt.X("exact:Q", title="exact effect"),
+        y=alt.Y("estimate:Q", title="estimate"),
+        color=alt.Color(
+            "verify:N",
+            title=None,
+            scale=alt.Scale(domain=["top", "random"], range=[INK, "#d95f02"]),
+            legend=alt.Legend(orient="bottom"),
+        ),
+        tooltip=["model", "site", "layer", "head", "label", "verify", "estimate", "exact"],
+    )
+    diagonal = (
+        base.transform_calculate(
+            low="min(datum.estimate, datum.exact)", high="max(datum.estimate, datum.exact)"
+        )
+        .transform_aggregate(lo="min(low)", hi="max(high)")
+        .mark_rule(color=MUTED, strokeWidth=0.75, strokeDash=[4, 3])
+        .encode(x="lo:Q", y="lo:Q", x2="hi:Q", y2="hi:Q")
+    )
+    return (
+        alt.layer(diagonal, points, data=df.assign(panel=_per_model(df, title)))
+        .properties(width=PANEL, height=PANEL)
+        .facet(facet=alt.Facet("panel:N", title=None), columns=3)
+        .resolve_scale(x="independent", y="independent")
+        .properties(title="Attribution estimate against exact patching, verified cells")
     )
 
 

@@ -1,4 +1,5 @@
-"""DuckDB views over a results directory: `programs`, `behavior`, `patching`, `skipped`.
+"""DuckDB views over a results directory: `programs`, `behavior`, `patching`, `attribution`,
+`skipped`.
 
 Reads only complete shard files (the writers rename into place; temporaries live in `.tmp/`,
 outside these globs), so it works on a run that is still being written. Schemas are unioned by
@@ -34,6 +35,12 @@ EMPTY = {
     "cf_top1_correct BOOLEAN, cf_choice_correct BOOLEAN, "
     "clean_logit_diff FLOAT, cf_logit_diff FLOAT, patched_logit_diff FLOAT, norm_effect FLOAT, "
     "flipped BOOLEAN",
+    "attribution": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, site VARCHAR, "
+    "layer INTEGER, head INTEGER, pos INTEGER, token VARCHAR, label VARCHAR, "
+    "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, "
+    "top1_correct BOOLEAN, cf_top1_correct BOOLEAN, clean_logit_diff FLOAT, cf_logit_diff FLOAT, "
+    "estimate FLOAT, norm_estimate FLOAT, grad_drop FLOAT, attention_fix BOOLEAN, "
+    "verify VARCHAR, exact FLOAT, norm_exact FLOAT, exact_flipped BOOLEAN",
     "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR",
 }
 # Columns that older runs wrote under another name with the same meaning: the clean and the
@@ -45,6 +52,7 @@ GLOBS = {
     "programs": "programs.parquet",
     "behavior": "behavior/**/*.parquet",
     "patching": "patching/**/*.parquet",
+    "attribution": "attribution/**/*.parquet",
     "skipped": "skipped/**/*.parquet",
 }
 

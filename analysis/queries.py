@@ -4,20 +4,49 @@ Patching aggregates read `kept`: by default only programs whose top-1 token over
 vocabulary is the answer's in both the clean and the counterfactual run (`top1_correct`,
 `cf_top1_correct`), and not heuristic ones (root value on line 1 or 2), as the method says;
 `$include_all = true` keeps every program. `KEPT_DESCRIPTION` says so in words for the summary.
+
+Attribution aggregates compare the first-order estimates with exact patching. The estimate
+heatmap keeps the programs patching keeps (the same filter, over `attribution`); the agreement
+of estimate and exact reads every verified cell (`exact` not NULL), of right and wrong
+programs alike: it judges the estimate against exact patching, not the model's answer.
 """
 
 import duckdb
 import pandas as pd
 
-KEPT = """
-WITH kept AS (
-    SELECT p.*
-    FROM patching AS p
+# At most this many verified cells per (model, site) in the scatter (a fixed pseudo-random
+# sample: `save` inlines every row); the correlations are over all of them.
+SCATTER_POINTS = 5000
+
+
+def _with(**ctes: str) -> str:
+    """A `WITH` clause of the named common table expressions, in order."""
+    return "\nWITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes.items()) + "\n"
+
+
+def _kept(view: str, columns: str = "p.*") -> str:
+    """The rows of `view` (`patching` or `attribution`) of the programs the method keeps."""
+    return f"""
+    SELECT {columns}
+    FROM {view} AS p
     LEFT JOIN programs AS g USING (task, seq_len, program)
     WHERE $include_all
        OR (p.top1_correct AND p.cf_top1_correct AND NOT coalesce(g.heuristic, false))
-)
 """
+
+
+def _by_label(relation: str, value: str, kind: str | None = None) -> str:
+    """Mean and count of `value` by (model, site, layer, label): over programs, positions of one
+    label and, at `attn_head`, heads; `kind` names the rows in a `kind` column."""
+    tag = f"'{kind}' AS kind, " if kind else ""
+    return f"""
+SELECT model, site, layer, label, {tag}avg({value}) AS mean_effect, count({value}) AS n
+FROM {relation}
+GROUP BY model, site, layer, label
+"""
+
+
+KEPT = _with(kept=_kept("patching"))
 
 KEPT_DESCRIPTION = (
     "programs whose top-1 is the answer in both runs (top1_correct, cf_top1_correct), "
@@ -39,15 +68,7 @@ GROUP BY model, depth, heuristic
 ORDER BY model, depth, heuristic
 """
 
-HEATMAP_BY_LABEL = (
-    KEPT
-    + """
-SELECT model, site, layer, label, avg(norm_effect) AS mean_effect, count(norm_effect) AS n
-FROM kept
-GROUP BY model, site, layer, label
-ORDER BY model, site, layer, label
-"""
-)
+HEATMAP_BY_LABEL = KEPT + _by_label("kept", "norm_effect") + "ORDER BY model, site, layer, label\n"
 
 HEATMAP_BY_POSITION = (
     KEPT
@@ -101,6 +122,111 @@ SELECT (SELECT count(*) FROM patching) AS rows_all,
        (SELECT count(*) FROM kept) AS rows_kept,
        (SELECT count(DISTINCT (task, seq_len, program)) FROM patching) AS programs_all,
        (SELECT count(DISTINCT (task, seq_len, program)) FROM kept) AS programs_kept
+"""
+)
+
+
+# Attribution rows of the kept programs; unlabelled positions (NULL or '') read as `other`, the
+# patching rows' label for them, so that the estimate and the exact heatmaps share their columns.
+_ESTIMATED = _kept("attribution", "p.* REPLACE (coalesce(nullif(p.label, ''), 'other') AS label)")
+
+ATTRIBUTION_BY_LABEL = (
+    _with(estimated=_ESTIMATED)
+    + _by_label("estimated", "norm_estimate")
+    + "ORDER BY model, site, layer, label\n"
+)
+
+# The estimate heatmap beside the exact one (`kind` = estimate | exact): exact rows only for the
+# (model, site) pairs that have estimates, on the same colour scale (both are norm_effects).
+ATTRIBUTION_HEATMAP = (
+    _with(
+        kept=_kept("patching"),
+        estimated=_ESTIMATED,
+        patched=(
+            "SELECT * FROM kept WHERE (model, site) IN (SELECT DISTINCT model, site FROM estimated)"
+        ),
+    )
+    + _by_label("estimated", "norm_estimate", "estimate")
+    + "UNION ALL"
+    + _by_label("patched", "norm_effect", "exact")
+    + "ORDER BY model, site, kind, layer, label\n"
+)
+
+# Verified cells, each ranked among its (model, site)'s: average ranks for ties (Spearman's).
+_VERIFIED = "SELECT * FROM attribution WHERE exact IS NOT NULL AND estimate IS NOT NULL"
+_RANKED = """
+    SELECT *,
+           rank() OVER (PARTITION BY model, site ORDER BY estimate)
+             + (count(*) OVER (PARTITION BY model, site, estimate) - 1) / 2 AS estimate_rank,
+           rank() OVER (PARTITION BY model, site ORDER BY exact)
+             + (count(*) OVER (PARTITION BY model, site, exact) - 1) / 2 AS exact_rank
+    FROM verified
+"""
+_CORRELATION = """
+    SELECT model, site, count(*) AS n, corr(estimate_rank, exact_rank) AS spearman,
+           corr(estimate, exact) AS pearson
+    FROM ranked
+    GROUP BY model, site
+"""
+_CORRELATED = {"verified": _VERIFIED, "ranked": _RANKED, "correlation": _CORRELATION}
+
+# Top-k recall per program and site: of the k cells with the largest |exact| among the
+# program's verified ones, the share within the 2k largest |estimate| of all its cells. k is the
+# number of cells verified as the program's top (`verify = 'top'`, the K of the spec): a perfect
+# estimate finds all k, and a verified random cell that turns out larger than a top one is missed
+# unless it too ranks within 2k. Programs with no `top` cell are left out; ties break by
+# (layer, pos, head).
+_PROGRAM = "model, site, task, seq_len, program"
+_BY_ESTIMATE = f"""
+    SELECT *, row_number() OVER (
+               PARTITION BY {_PROGRAM} ORDER BY abs(estimate) DESC, layer, pos, head
+           ) AS estimate_place
+    FROM attribution
+    WHERE estimate IS NOT NULL
+"""
+_BY_EXACT = f"""
+    SELECT *, row_number() OVER (
+               PARTITION BY {_PROGRAM} ORDER BY abs(exact) DESC, layer, pos, head
+           ) AS exact_place,
+           (count_if(verify = 'top') OVER (PARTITION BY {_PROGRAM}))::INTEGER AS k
+    FROM by_estimate
+    WHERE exact IS NOT NULL
+"""
+_FOUND = f"""
+    SELECT {_PROGRAM}, any_value(k) AS k, avg((estimate_place <= 2 * k)::INTEGER) AS found
+    FROM by_exact
+    WHERE exact_place <= k
+    GROUP BY {_PROGRAM}
+"""
+_RECALL = """
+    SELECT model, site, count(*) AS programs, mode(k) AS k, avg(found) AS top_k_recall
+    FROM found
+    GROUP BY model, site
+"""
+
+# Per (model, site): verified cells, Spearman and Pearson correlation of estimate and exact, and
+# the mean top-k recall over programs (`k`: the most common k; `programs`: those with one).
+AGREEMENT = (
+    _with(**_CORRELATED, by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND, recall=_RECALL)
+    + """
+SELECT model, site, c.n, r.programs, c.spearman, c.pearson, r.k, r.top_k_recall
+FROM correlation AS c
+LEFT JOIN recall AS r USING (model, site)
+ORDER BY model, site
+"""
+)
+
+# The verified cells for the scatter, with their (model, site)'s Spearman and count.
+ATTRIBUTION_VERIFIED = (
+    _with(**_CORRELATED)
+    + f"""
+SELECT model, site, v.layer, v.head, v.label, v.verify, v.estimate, v.exact, c.spearman, c.n
+FROM verified AS v
+JOIN correlation AS c USING (model, site)
+QUALIFY row_number() OVER (
+    PARTITION BY model, site ORDER BY hash(v.task, v.seq_len, v.program, v.layer, v.pos, v.head)
+) <= {SCATTER_POINTS}
+ORDER BY model, site, v.verify, v.exact
 """
 )
 

@@ -12,7 +12,9 @@ Per site (`resid_pre`, `attn_head`), every position:
   across layers: a row joins at its layer, and a layer in the middle is the average);
   free patches count as cells, as everywhere in the engine's figures.
 Also printed: the rank correlation of the two over the block's cells (on random weights only a
-sanity line; the shipped model's figure is in the README). Last line, machine-readable:
+sanity line; the shipped model's figure is in the README), and what each AtP* correction costs:
+the seconds of the estimate with `attention_fix` (it concerns `resid_pre`) and with `grad_drop`
+(one backward more per layer) over the plain estimate's. Last line, machine-readable:
 `attribution_cells_per_s_ratio=R` for `attn_head`.
 """
 
@@ -84,6 +86,18 @@ def main() -> int:
             f"{attr_rate:,.0f} cells/s; exact {len(rows):,} cells (layers {block[0]}-{block[-1]}) "
             f"in {t_exact:.1f} s = {exact_rate:,.1f} cells/s; ratio {ratios[site]:,.0f}; "
             f"Spearman over the exact cells {spearman(est, exact):.3f}"
+        )
+    for option, site in (("attention_fix", "resid_pre"), ("grad_drop", "attn_head")):
+        timed = []
+        for tool in (attributor, Attributor(lm, batch_size=len(encoded), **{option: True})):
+            sync(lm.device)
+            start = time.perf_counter()
+            list(tool.estimate(encoded, [site]))
+            sync(lm.device)
+            timed.append(time.perf_counter() - start)
+        print(
+            f"  {option} ({site}): {timed[1]:.2f} s against {timed[0]:.2f} s plain "
+            f"= {timed[1] / timed[0]:.1f}x the estimate's time"
         )
     for site, ratio in ratios.items():
         print(f"shape={args.model_config} site={site} attribution_cells_per_s_ratio={ratio:.0f}")

@@ -95,10 +95,10 @@ def status_main(argv: list[str]) -> int:
 def check_prompts_spec(data: dict[str, Any], n: int, output: Path) -> dict[str, Any]:
     """The spec `--check-prompts N` runs, derived from the user's (parsed YAML, validated).
 
-    Every task with `n` programs per length; behaviour only, with the spec's behaviour settings
-    (or `behavior: {}`'s defaults) but on every task and `n` programs a shard; the run named
-    `<run>-check-prompts` under `output`. Everything else (models, their options, seed,
-    resources) as the user wrote it.
+    Every task with `n` programs per length; behaviour only (patching and attribution are
+    dropped), with the spec's behaviour settings (or `behavior: {}`'s defaults) but on every
+    task and `n` programs a shard; the run named `<run>-check-prompts` under `output`.
+    Everything else (models, their options, seed, resources) as the user wrote it.
     """
     derived = copy.deepcopy(data)
     derived["run"] = f"{data['run']}-check-prompts"

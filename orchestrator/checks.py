@@ -1,6 +1,7 @@
 """Checks of a valid spec against the world, run before anything is written.
 
-- `check_models`: each model's config is readable (no weights) and has the layers asked for.
+- `check_models`: each model's config is readable (no weights) and has the layers patching and
+  attribution ask for.
 - `check_backends`: the behaviour backend the spec names can be imported here.
 - `check_resources`: an actor of the spec fits on a node of the cluster just joined (so a sweep
   that could never place an actor fails at once, not after waiting forever).
@@ -12,6 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.protocol import INTERVENTIONS
 from orchestrator.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -47,14 +49,16 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
             continue
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
         n_layers[model.id] = int(layers)
-        patching = spec.experiments.patching
-        if patching is not None and patching.layers is not None:
-            bad = [x for x in patching.layers if x >= n_layers[model.id]]
+        for kind in INTERVENTIONS:
+            experiment = getattr(spec.experiments, kind)
+            if experiment is None or experiment.layers is None:
+                continue
+            bad = [x for x in experiment.layers if x >= n_layers[model.id]]
             if bad:
                 problems.append(
-                    f"  experiments.patching.layers = {patching.layers}: {bad} out of range for "
+                    f"  experiments.{kind}.layers = {experiment.layers}: {bad} out of range for "
                     f"{model.id} (layers 0..{n_layers[model.id] - 1}); fix: drop them, or omit "
-                    "layers to patch every layer"
+                    "layers to use every layer"
                 )
     _raise(path, problems)
     return n_layers

@@ -2,8 +2,8 @@
 
 The identity is everything that decides the folder's rows: the seed; each family's lengths,
 count and options; each model's dtype and quantization; each experiment's row-deciding settings
-(template, backend, positions, metric, sites, layers, tasks), each model's answer prefix per
-task, and its shard layout (programs and layers
+(template, backend, positions, metric, sites, layers, tasks; attribution's AtP* switches and
+`verify_top_k`), each model's answer prefix per task, and its shard layout (programs and layers
 per shard: a different layout gives different shard files over the same programs). It leaves
 out what only decides how fast rows come (batch sizes, resources) and where they go (`output`,
 `run`). Order does not matter: lists that are sets are sorted.
@@ -18,6 +18,7 @@ import hashlib
 import json
 from typing import Any
 
+from orchestrator.protocol import KINDS
 from orchestrator.shards import iter_shards
 from orchestrator.spec import Spec
 
@@ -25,11 +26,36 @@ HASH_LENGTH = 16
 MAX_DIFF_LINES = 12
 
 
+# Each kind's settings in the identity. Lists that are sets (sites, layers, tasks) are added
+# sorted by `_experiment`; batch sizes are left out (they decide how fast, not which rows).
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "behavior": ("backend", "template", "max_new_tokens", "programs_per_shard"),
+    "patching": ("layers_per_shard", "positions", "metric", "programs_per_shard"),
+    "attribution": (
+        "positions",
+        "attention_fix",
+        "grad_drop",
+        "verify_top_k",
+        "programs_per_shard",
+    ),
+}
+SETS = ("sites", "layers", "tasks")
+
+
+def _experiment(kind: str, experiment: Any) -> dict[str, Any] | None:
+    if experiment is None:
+        return None
+    out = {key: getattr(experiment, key) for key in SETTINGS[kind]}
+    for key in SETS:
+        if key in type(experiment).model_fields:
+            value = getattr(experiment, key)
+            out[key] = None if value is None else sorted(set(value))
+    return out
+
+
 def identity(spec: Spec) -> dict[str, Any]:
     """The row-deciding content of a spec, as plain JSON-able data."""
-    behavior = spec.experiments.behavior
-    patching = spec.experiments.patching
-    return {
+    ident: dict[str, Any] = {
         "seed": spec.seed,
         "tasks": {
             t.family: {"seq_lens": sorted(t.seq_lens), "n": t.n, "options": dict(t.options)}
@@ -43,27 +69,14 @@ def identity(spec: Spec) -> dict[str, Any]:
             }
             for m in spec.models
         },
-        "behavior": None
-        if behavior is None
-        else {
-            "backend": behavior.backend,
-            "template": behavior.template,
-            "max_new_tokens": behavior.max_new_tokens,
-            "programs_per_shard": behavior.programs_per_shard,
-            "tasks": None if behavior.tasks is None else sorted(set(behavior.tasks)),
-        },
-        "patching": None
-        if patching is None
-        else {
-            "sites": sorted(patching.sites),
-            "layers": None if patching.layers is None else sorted(set(patching.layers)),
-            "layers_per_shard": patching.layers_per_shard,
-            "positions": patching.positions,
-            "metric": patching.metric,
-            "programs_per_shard": patching.programs_per_shard,
-            "tasks": None if patching.tasks is None else sorted(set(patching.tasks)),
-        },
     }
+    for kind in KINDS:
+        experiment = getattr(spec.experiments, kind)
+        # A kind newer than run folders already on disk is in the identity only when the spec
+        # has it, so that their specs keep their hash (`behavior` and `patching` always were).
+        if experiment is not None or kind in ("behavior", "patching"):
+            ident[kind] = _experiment(kind, experiment)
+    return ident
 
 
 def spec_hash(ident: dict[str, Any]) -> str:
@@ -122,7 +135,7 @@ def extension_problems(
             problems.append(f"tasks.{task.family}.seq_lens: {dropped} removed")
         if other.n < task.n:
             problems.append(f"tasks.{task.family}.n: {task.n} -> {other.n} removes programs")
-    for kind in ("behavior", "patching"):
+    for kind in KINDS:
         if getattr(old.experiments, kind) is not None and getattr(new.experiments, kind) is None:
             problems.append(f"experiments.{kind} was removed")
     removed = sorted({m.id for m in old.models} - {m.id for m in new.models})

@@ -11,13 +11,17 @@ programs from (seed, task, seq_len, indices).
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
-from orchestrator.spec import BehaviorSpec, ModelSpec, PatchingSpec, Spec
+from orchestrator.spec import AttributionSpec, BehaviorSpec, ModelSpec, PatchingSpec, Spec
 
-Kind = Literal["behavior", "patching"]
+# An experiment kind: a spec section (`experiments.<kind>`), a shard kind and a results folder.
+Kind = Literal["behavior", "patching", "attribution"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+# The kinds that intervene at (site, layers): their shards carry both.
+INTERVENTIONS: tuple[Kind, ...] = ("patching", "attribution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +29,13 @@ class Shard:
     """One unit of work for one model.
 
     Attributes:
-        kind: `behavior` or `patching`.
+        kind: `behavior`, `patching` or `attribution`.
         model: the model id as the spec gives it.
         task: family name.
         seq_len: program length.
         start / n: program indices `start .. start+n-1` of the (seed, task, seq_len) stream.
-        site: patching site (patching only).
-        layers: consecutive layer indices (patching only).
+        site: the site patched or attributed (patching and attribution only).
+        layers: layer indices (patching: consecutive; attribution: every requested layer).
         id: content hash; the shard's file is `<id>.parquet`.
         part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
     """
@@ -58,7 +62,11 @@ class Shard:
         if self.site is not None:
             text += f" site={self.site}"
         if self.layers:
-            text += f" layers {self.layers[0]}-{self.layers[-1]}"
+            first, last = self.layers[0], self.layers[-1]
+            if self.layers == tuple(range(first, last + 1)):
+                text += f" layers {first}-{last}"
+            else:  # attribution's layers need not be consecutive
+                text += " layers " + ",".join(map(str, self.layers))
         return text
 
 
@@ -70,6 +78,7 @@ class WorkerConfig:
         model: the spec's model entry.
         behavior: the behaviour settings, or None when the sweep scores no behaviour.
         patching: the patching settings, or None when the sweep patches nothing.
+        attribution: the attribution settings, or None when the sweep estimates nothing.
         seed: the sweep seed (programs are regenerated from it).
         task_options: family -> generator options.
         answer_prefix: family -> the answer prefix on this model (a string or `auto`).
@@ -79,6 +88,7 @@ class WorkerConfig:
     model: ModelSpec
     behavior: BehaviorSpec | None
     patching: PatchingSpec | None
+    attribution: AttributionSpec | None
     seed: int
     task_options: Mapping[str, Mapping[str, Any]]
     answer_prefix: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -96,6 +106,7 @@ class WorkerConfig:
             model=models[model_id],
             behavior=spec.experiments.behavior,
             patching=spec.experiments.patching,
+            attribution=spec.experiments.attribution,
             seed=spec.seed,
             task_options={t.family: dict(t.options) for t in spec.tasks},
             answer_prefix={t.family: spec.answer_prefix(model_id, t.family) for t in spec.tasks},
@@ -108,8 +119,9 @@ class ShardResult:
     """A finished shard.
 
     Attributes:
-        table: its rows (behaviour or patching schema).
-        skipped: programs that could not be patched, with the reason (may have no rows).
+        table: its rows (the behaviour, patching or attribution schema).
+        skipped: programs that could not be patched or attributed, with the reason (may have
+            no rows).
         seconds: time the actor spent on it.
         pid / host / node_id: where it ran (node_id: the Ray node, None outside Ray).
     """
@@ -123,4 +135,5 @@ class ShardResult:
 
 
 class ShardOutOfMemory(RuntimeError):
-    """The shard does not fit even one patch per forward; the driver splits it."""
+    """The shard does not fit even one patch (or one program) per forward; the driver splits
+    it."""

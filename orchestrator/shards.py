@@ -1,7 +1,8 @@
 """Expand a spec into shards: the units of scheduling and of resume.
 
 A behaviour shard is (model, task, seq_len, a block of program indices); a patching shard adds
-one site and a block of consecutive layers. A shard's id is a hash of everything that decides
+one site and a block of consecutive layers; an attribution shard one site and every requested
+layer (one backward pass gives them all). A shard's id is a hash of everything that decides
 its rows — the model as given, the experiment's result-affecting settings, the task's family
 options, the seed, the program block, the site and layers — and of nothing else (not the batch
 size, not the output path), so the same spec yields the same ids on every run and machine.
@@ -16,7 +17,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.protocol import Shard
+from orchestrator.protocol import INTERVENTIONS, KINDS, Shard
 from orchestrator.spec import Spec, TaskSpec
 
 ID_LENGTH = 16
@@ -26,6 +27,7 @@ __all__ = [
     "escape_model",
     "iter_shards",
     "layer_blocks",
+    "layer_groups",
     "rel_dir",
     "split",
 ]
@@ -36,13 +38,22 @@ def rel_dir(shard: Shard) -> str:
     model = escape_model(shard.model)
     if shard.kind == "behavior":
         return f"behavior/model={model}/task={shard.task}"
-    return f"patching/model={model}/site={shard.site}"
+    return f"{shard.kind}/model={model}/site={shard.site}"
 
 
 def escape_model(model: str) -> str:
     """`Qwen/Qwen3-0.6B` -> `Qwen--Qwen3-0.6B`; a local path keeps its last two parts."""
     parts = [p for p in model.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     return "--".join(parts[-2:]) if parts else "model"
+
+
+# Each kind's settings that decide its rows. Not the batch size, and not the shard sizes: the
+# shard's own fields (programs, layers) already say what it covers.
+ROW_SETTINGS: dict[str, tuple[str, ...]] = {
+    "behavior": ("template", "max_new_tokens"),
+    "patching": ("positions", "metric"),
+    "attribution": ("positions", "attention_fix", "grad_drop", "verify_top_k"),
+}
 
 
 def shard_id(spec: Spec, task: TaskSpec, fields: dict[str, Any]) -> str:
@@ -55,11 +66,8 @@ def shard_id(spec: Spec, task: TaskSpec, fields: dict[str, Any]) -> str:
         "model": model.model_dump(exclude={"answer_prefix"}),
         "answer_prefix": spec.answer_prefix(fields["model"], task.family),
         **fields,
+        **{key: getattr(experiment, key) for key in ROW_SETTINGS[fields["kind"]]},
     }
-    if fields["kind"] == "behavior":
-        affecting |= {"template": experiment.template, "max_new_tokens": experiment.max_new_tokens}
-    else:
-        affecting |= {"positions": experiment.positions, "metric": experiment.metric}
     blob = json.dumps(affecting, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:ID_LENGTH]
 
@@ -81,8 +89,19 @@ def layer_blocks(n_layers: int, layers: list[int] | None, per_shard: int) -> lis
     return [tuple(b) for b in blocks]
 
 
+def layer_groups(kind: str, experiment: Any, n_layers: int) -> list[tuple[int, ...]]:
+    """The layers of each shard of an intervention kind, per (program block, site): patching's
+    consecutive blocks of `layers_per_shard`; attribution's wanted layers all in one shard, since
+    one backward pass gives every layer's gradient (out of memory still splits it, `split`)."""
+    if kind == "attribution":
+        wanted = range(n_layers) if experiment.layers is None else experiment.layers
+        return [tuple(sorted(set(wanted)))]
+    return layer_blocks(n_layers, experiment.layers, experiment.layers_per_shard)
+
+
 def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) -> Iterator[Shard]:
-    """Every shard of the spec (or of one model), behaviour first, in a stable order.
+    """Every shard of the spec (or of one model), per model behaviour first, then patching,
+    then attribution, in a stable order.
 
     Args:
         spec: the validated spec.
@@ -92,58 +111,47 @@ def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) 
     for m in spec.models:
         if model is not None and m.id != model:
             continue
-        behavior = spec.experiments.behavior
-        for task in spec.tasks_for("behavior"):
-            for seq_len in task.seq_lens:
-                for start, n in _blocks(task.n, behavior.programs_per_shard):
-                    fields = {
-                        "kind": "behavior",
-                        "model": m.id,
-                        "task": task.family,
-                        "seq_len": seq_len,
-                        "start": start,
-                        "n": n,
-                    }
-                    yield Shard(**fields, id=shard_id(spec, task, fields))
-        patching = spec.experiments.patching
-        if patching is None:
-            continue
-        blocks = layer_blocks(n_layers[m.id], patching.layers, patching.layers_per_shard)
-        for task in spec.tasks_for("patching"):
-            for seq_len in task.seq_lens:
-                for start, n in _blocks(task.n, patching.programs_per_shard):
-                    for site in patching.sites:
-                        for layers in blocks:
+        for kind in KINDS:
+            experiment = getattr(spec.experiments, kind)
+            if experiment is None:
+                continue
+            # (site, layers) of each shard per program block; none for behaviour, whose ids
+            # hash no site or layers.
+            places: list[dict[str, Any]] = [{}]
+            if kind in INTERVENTIONS:
+                groups = layer_groups(kind, experiment, n_layers[m.id])
+                places = [{"site": s, "layers": g} for s in experiment.sites for g in groups]
+            for task in spec.tasks_for(kind):
+                for seq_len in task.seq_lens:
+                    for start, n in _blocks(task.n, experiment.programs_per_shard):
+                        for place in places:
                             fields = {
-                                "kind": "patching",
+                                "kind": kind,
                                 "model": m.id,
                                 "task": task.family,
                                 "seq_len": seq_len,
                                 "start": start,
                                 "n": n,
-                                "site": site,
-                                "layers": layers,
+                                **place,
                             }
                             yield Shard(**fields, id=shard_id(spec, task, fields))
 
 
 def count_shards(spec: Spec, n_layers: dict[str, int]) -> dict[str, int]:
-    """Shards by kind, computed without expanding them."""
-    counts = {"behavior": 0, "patching": 0}
-    for m in spec.models:
-        if spec.experiments.behavior is not None:
-            per = spec.experiments.behavior.programs_per_shard
-            counts["behavior"] += sum(
-                len(t.seq_lens) * -(-t.n // per) for t in spec.tasks_for("behavior")
-            )
-        patching = spec.experiments.patching
-        if patching is not None:
-            blocks = len(layer_blocks(n_layers[m.id], patching.layers, patching.layers_per_shard))
-            per = patching.programs_per_shard
-            counts["patching"] += sum(
-                len(t.seq_lens) * -(-t.n // per) * len(patching.sites) * blocks
-                for t in spec.tasks_for("patching")
-            )
+    """Shards of each kind the spec runs, computed without expanding them."""
+    counts: dict[str, int] = {}
+    for kind in KINDS:
+        experiment = getattr(spec.experiments, kind)
+        if experiment is None:
+            continue
+        per = experiment.programs_per_shard
+        blocks = sum(len(t.seq_lens) * -(-t.n // per) for t in spec.tasks_for(kind))
+        places = 1
+        counts[kind] = 0
+        for m in spec.models:
+            if kind in INTERVENTIONS:
+                places = len(experiment.sites) * len(layer_groups(kind, experiment, n_layers[m.id]))
+            counts[kind] += blocks * places
     return counts
 
 

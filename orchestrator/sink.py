@@ -3,7 +3,8 @@
     results/<run>/spec.yaml, run.json, programs.parquet, failures.jsonl, .lock
     results/<run>/behavior/model=<m>/task=<t>/<shard>.parquet
     results/<run>/patching/model=<m>/site=<s>/<shard>.parquet
-    results/<run>/skipped/model=<m>/<shard>.parquet   (pairs that could not be patched)
+    results/<run>/attribution/model=<m>/site=<s>/<shard>.parquet
+    results/<run>/skipped/model=<m>/<kind>-<shard>.parquet   (pairs left out, with why)
 
 Every file is written under `.tmp/` (outside every reader's glob) and then renamed into place,
 so a reader sees a shard's file whole or not at all, and a shard whose file exists is done.
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from orchestrator.lock import LOCK_NAME
-from orchestrator.protocol import Shard, ShardResult
+from orchestrator.protocol import KINDS, Shard, ShardResult
 from orchestrator.shards import escape_model, rel_dir
 from orchestrator.spec import Spec, SpecError, parse_spec
 from orchestrator.tasks import Program, iter_programs
@@ -258,7 +259,7 @@ class ResultsDir:
         nothing, is free for any spec)."""
         if not self.root.is_dir():
             return False
-        names = {"run.json", "spec.yaml", "programs.parquet", "behavior", "patching"}
+        names = {"run.json", "spec.yaml", "programs.parquet", *KINDS}
         return any(entry.name in names for entry in self.root.iterdir())
 
     def failures(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@
     experiments:
       behavior: {backend: hf}
       patching: {sites: [resid_pre, attn_head], layers_per_shard: 2, positions: targets}
+      attribution: {sites: [resid_pre, attn_head], verify_top_k: 4}
 
 Every mapping forbids unknown keys, so a typo fails instead of being ignored; counts and sizes
 are range-checked. `load_spec` also checks what a field alone cannot: family options against the
@@ -19,7 +20,7 @@ checked by `orchestrator.checks`, still before anything is written.
 """
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,6 +38,8 @@ Backend = Literal["hf", "vllm", "auto"]
 Site = Literal["resid_pre", "attn_head", "mlp_out"]
 # Strict: YAML gives real ints, and `true` or `4.0` for a count is a mistake worth naming.
 PositiveInt = Annotated[int, Field(ge=1, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+Flag = Annotated[bool, Field(strict=True)]  # `true`/`false`, not `1` or "yes"
 Auto = Literal["auto"]
 
 
@@ -104,21 +107,16 @@ class BehaviorSpec(_Strict):
     max_new_tokens: PositiveInt = 8
 
 
-class PatchingSpec(_Strict):
-    """Causal tracing: every (site, layer, position[, head]) patch of every program."""
+class _Intervention(_Strict):
+    """What patching and attribution share: where to intervene, on which tasks, in which
+    shards. `batch_size` is counted in `_BATCH_UNIT` (the subclass says what one item is)."""
+
+    _BATCH_UNIT: ClassVar[str] = ""
 
     sites: Annotated[list[Site], Field(min_length=1)] = ["resid_pre"]
-    layers: list[Annotated[int, Field(ge=0, strict=True)]] | None = None
-    layers_per_shard: PositiveInt = 4
-    positions: Literal["all", "targets"] = "targets"
-    # Rows per forward pass at most; `auto`: sized from the device's memory by the engine
-    # (actors/budget.py), which also splits a pass that runs out of memory.
-    batch_size: PositiveInt | Auto = "auto"
+    layers: list[NonNegativeInt] | None = None
     programs_per_shard: PositiveInt = 20
     tasks: list[str] | None = None
-    # `first_token`: the logits of the first tokens at which the two answers differ;
-    # `answer_logprob`: the summed log-probability of each whole answer (teacher forcing).
-    metric: Literal["first_token", "answer_logprob"] = "first_token"
 
     @field_validator("sites")
     @classmethod
@@ -129,20 +127,57 @@ class PatchingSpec(_Strict):
             )
         return v
 
-    @field_validator("batch_size", mode="before")
+    @field_validator("batch_size", mode="before", check_fields=False)
     @classmethod
     def _batch_size(cls, v: Any) -> Any:
-        return _whole_or_auto(v, "patches per forward pass")
+        return _whole_or_auto(v, cls._BATCH_UNIT)
+
+
+class PatchingSpec(_Intervention):
+    """Causal tracing: every (site, layer, position[, head]) patch of every program."""
+
+    _BATCH_UNIT: ClassVar[str] = "patches per forward pass"
+
+    layers_per_shard: PositiveInt = 4
+    positions: Literal["all", "targets"] = "targets"
+    # Rows per forward pass at most; `auto`: sized from the device's memory by the engine
+    # (actors/budget.py), which also splits a pass that runs out of memory.
+    batch_size: PositiveInt | Auto = "auto"
+    # `first_token`: the logits of the first tokens at which the two answers differ;
+    # `answer_logprob`: the summed log-probability of each whole answer (teacher forcing).
+    metric: Literal["first_token", "answer_logprob"] = "first_token"
+
+
+class AttributionSpec(_Intervention):
+    """Attribution patching (actors/attribution.py): a first-order estimate of every (site,
+    layer, position[, head]) patch from one forward pair and one backward per batch, so a shard
+    holds every requested layer (one backward gives them all) and is never cut by layers."""
+
+    _BATCH_UNIT: ClassVar[str] = "programs per forward and backward"
+
+    positions: Literal["all", "targets"] = "all"
+    # Programs per forward and backward; `auto`: sized from the device's memory by the actor.
+    batch_size: PositiveInt | Auto = "auto"
+    # AtP* (Kramár et al. 2024), both at the cost of extra passes: `attention_fix` recomputes
+    # the part of a resid_pre effect that goes through its layer's queries and keys (where the
+    # softmax saturates its gradient says nothing); `grad_drop` scores each cell again with each
+    # layer's attention and MLP gradient zeroed in turn, so effects that cancel still show.
+    attention_fix: Flag = False
+    grad_drop: Flag = False
+    # Per program, the K cells with the largest |estimate| and K others drawn at random are
+    # also patched exactly, so the estimate's error is measured where it matters and elsewhere.
+    verify_top_k: NonNegativeInt = 0
 
 
 class Experiments(_Strict):
     behavior: BehaviorSpec | None = None
     patching: PatchingSpec | None = None
+    attribution: AttributionSpec | None = None
 
     @model_validator(mode="after")
     def _some(self) -> "Experiments":
-        if self.behavior is None and self.patching is None:
-            raise ValueError("no experiment: add behavior: {} and/or patching: {}")
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError("no experiment: add behavior: {}, patching: {} and/or attribution: {}")
         return self
 
 
@@ -195,10 +230,8 @@ class Spec(_Strict):
         families = [t.family for t in self.tasks]
         if len(set(families)) != len(families):
             raise ValueError(f"tasks list a family twice ({families}); fix: merge their seq_lens")
-        for name, exp in (
-            ("behavior", self.experiments.behavior),
-            ("patching", self.experiments.patching),
-        ):
+        for name in Experiments.model_fields:
+            exp = getattr(self.experiments, name)
             if exp is not None and exp.tasks is not None:
                 unknown = sorted(set(exp.tasks) - set(families))
                 if unknown:
@@ -271,6 +304,7 @@ _FIXES = {
     "int_from_float": "write a whole number",
     "finite_number": "write a finite number",
     "string_type": "write a string",
+    "bool_type": "write true or false",
     "float_parsing": "write a number",
     "list_type": "write a YAML list, e.g. [a, b]",
     "dict_type": "write a YAML mapping, e.g. {key: value}",

@@ -133,9 +133,15 @@ def format_status(st: RunStatus) -> str:
     if st.note:
         lines.append(f"  note: {st.note}")
     width = max([len(m) for m, _ in st.counts] + [5])
-    lines.append(f"  {'model':<{width}}  {'kind':<8}  {'done':>6}  {'failed':>6}  {'missing':>7}")
+    # As wide as the run's longest kind (`attribution`), at least as wide as `behavior`.
+    kinds = max([len(k) for _, k in st.counts] + [8])
+    lines.append(
+        f"  {'model':<{width}}  {'kind':<{kinds}}  {'done':>6}  {'failed':>6}  {'missing':>7}"
+    )
     for (model, kind), c in sorted(st.counts.items()):
-        lines.append(f"  {model:<{width}}  {kind:<8}  {c.done:>6}  {c.failed:>6}  {c.missing:>7}")
+        lines.append(
+            f"  {model:<{width}}  {kind:<{kinds}}  {c.done:>6}  {c.failed:>6}  {c.missing:>7}"
+        )
     t = st.total()
     n = t.done + t.failed + t.missing
     if st.failures:

@@ -107,6 +107,13 @@ def print_plan(plan: Plan, out_dir: Path) -> None:
             f"  engine work: ~{plan.token_layers:,} token-layers; {share:.0%} of the patches "
             "need no forward"
         )
+    if plan.shards.get("attribution"):
+        print(
+            f"  attribution cells: ~{plan.attribution_cells:,} estimated (from a sample of "
+            "programs)"
+        )
+        if plan.verify_patches:
+            print(f"  verified exactly: ~{plan.verify_patches:,} patches (verify_top_k)")
 
 
 def folder_refusal(

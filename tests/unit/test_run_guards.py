@@ -108,6 +108,18 @@ BAD_SPECS = [
         lambda s: s["experiments"]["behavior"].update(max_new_tokens=0),
         "experiments.behavior.max_new_tokens = 0: Input should be greater than or equal to 1",
     ),
+    (
+        lambda s: s["experiments"].update(attribution={"layers": [1, 2]}),
+        "experiments.attribution.layers = [1, 2]: [2] out of range for",
+    ),
+    (
+        lambda s: s["experiments"].update(attribution={"batch_size": "big"}),
+        "experiments.attribution.batch_size = 'big': programs per forward and backward must be",
+    ),
+    (
+        lambda s: s["experiments"].update(attribution={"verify_top_k": -2}),
+        "experiments.attribution.verify_top_k = -2: Input should be greater than or equal to 0",
+    ),
 ]
 
 
@@ -242,6 +254,75 @@ def test_a_folder_with_results_but_no_spec_record_is_refused(tiny_model, tmp_pat
     only_lock.root.mkdir()
     (only_lock.root / ".lock").write_text("")
     assert folder_refusal(only_lock, spec, {tiny_model: 2}, fresh=False, extend=False) is None
+
+
+def with_attribution(model: str, output: Path, **settings) -> dict:
+    spec = spec_dict(model, output)
+    spec["experiments"]["attribution"] = {"sites": ["resid_pre"], "programs_per_shard": 2}
+    spec["experiments"]["attribution"].update(settings)
+    return spec
+
+
+def test_attribution_settings_are_part_of_the_identity(tiny_model, tmp_path) -> None:
+    plain = identity(parse_spec(spec_dict(tiny_model, tmp_path)))
+    # A spec without attribution keeps the hash it had before attribution existed.
+    assert "attribution" not in plain
+    base = identity(parse_spec(with_attribution(tiny_model, tmp_path)))
+    assert base["attribution"] == {
+        "sites": ["resid_pre"],
+        "layers": None,
+        "positions": "all",
+        "attention_fix": False,
+        "grad_drop": False,
+        "verify_top_k": 0,
+        "programs_per_shard": 2,
+        "tasks": None,
+    }
+    h = spec_hash(base)
+    assert h != spec_hash(plain)
+
+    def hash_of(**settings) -> str:
+        return spec_hash(identity(parse_spec(with_attribution(tiny_model, tmp_path, **settings))))
+
+    assert hash_of(batch_size=4) == h, "the batch size decides no row"
+    assert hash_of(layers=[1, 0]) == hash_of(layers=[0, 1]), "layer order does not matter"
+    for change in (
+        {"attention_fix": True},
+        {"grad_drop": True},
+        {"verify_top_k": 2},
+        {"positions": "targets"},
+        {"sites": ["attn_head"]},
+        {"layers": [0]},
+        {"programs_per_shard": 1},
+        {"tasks": ["binding"]},
+    ):
+        assert hash_of(**change) != h, change
+    lines = diff(base, identity(parse_spec(with_attribution(tiny_model, tmp_path, grad_drop=True))))
+    assert lines == ["attribution.grad_drop: false -> true"]
+
+
+def test_extend_with_attribution(tiny_model, tmp_path) -> None:
+    layers = {tiny_model: 2}
+    plain = parse_spec(spec_dict(tiny_model, tmp_path))
+    added = parse_spec(with_attribution(tiny_model, tmp_path))
+    assert extension_problems(plain, added, layers, layers) == [], "adding attribution adds work"
+    problems = extension_problems(added, plain, layers, layers)
+    assert problems == ["experiments.attribution was removed"]
+    fixed = parse_spec(with_attribution(tiny_model, tmp_path, attention_fix=True))
+    problems = extension_problems(added, fixed, layers, layers)
+    assert len(problems) == 1 and "shards would not be shards of the new spec" in problems[0]
+    assert "attribution binding seq_len=4 programs 0-1 site=resid_pre layers 0-1" in problems[0]
+
+
+def test_check_prompts_drops_attribution(tiny_model, tmp_path) -> None:
+    from orchestrator.__main__ import check_prompts_spec
+
+    user = with_attribution(tiny_model, tmp_path, verify_top_k=3)
+    derived = check_prompts_spec(user, 2, tmp_path / "check")
+    assert set(derived["experiments"]) == {"behavior"}
+    spec = parse_spec(derived)
+    assert spec.experiments.attribution is None and spec.experiments.patching is None
+    assert user["experiments"]["attribution"]["verify_top_k"] == 3, "the user's spec is kept"
 
 
 # -- the lock -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -216,3 +217,170 @@ def test_sink_parts_tile_and_atomic_writes(tmp_path) -> None:
     with pytest.raises(SinkError, match=r"nothing partial was kept\. Fix: free disk space"):
         sink.write_table(blocked / "x.parquet", table)
     assert not list((tmp_path / "run" / ".tmp").iterdir())
+
+
+# -- attribution ------------------------------------------------------------------------------
+
+ATTRIBUTION = {"sites": ["resid_pre", "attn_head"], "programs_per_shard": 4, "verify_top_k": 3}
+
+
+def attribution_spec(**changes):
+    """BASE with an attribution block (`changes` are its fields)."""
+    return spec_with(experiments__attribution={**ATTRIBUTION, **changes})
+
+
+def test_attribution_block_defaults_and_alone() -> None:
+    a = spec_with(experiments__attribution={}).experiments.attribution
+    assert (a.sites, a.layers, a.positions, a.batch_size) == (["resid_pre"], None, "all", "auto")
+    assert (a.programs_per_shard, a.tasks, a.verify_top_k) == (20, None, 0)
+    assert (a.attention_fix, a.grad_drop) == (False, False)
+    alone = spec_with(experiments={"attribution": {"batch_size": 2, "grad_drop": True}})
+    assert alone.experiments.behavior is None and alone.experiments.patching is None
+    assert alone.experiments.attribution.batch_size == 2
+    assert [t.family for t in alone.tasks_for("attribution")] == ["binding", "range"]
+    with pytest.raises(SpecError, match=r"no experiment: add behavior: \{\}, patching: \{\} and"):
+        spec_with(experiments={})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"sites": ["attn_head", "attn_head"]},
+            "experiments.attribution.sites: sites ['attn_head', 'attn_head'] repeat a site "
+            "(each would run twice); fix: list each site once",
+        ),
+        ({"sites": []}, "experiments.attribution.sites = []: List should have at least 1 item"),
+        (
+            {"sites": ["resid_post"]},
+            "experiments.attribution.sites.0 = 'resid_post': Input should be 'resid_pre', "
+            "'attn_head' or 'mlp_out'",
+        ),
+        (
+            {"batch_size": 0},
+            "experiments.attribution.batch_size = 0: programs per forward and backward must be "
+            "a whole number >= 1 or 'auto'; fix: write e.g. 4, or auto",
+        ),
+        (
+            {"verify_top_k": -1},
+            "experiments.attribution.verify_top_k = -1: Input should be greater than or equal "
+            "to 0; fix: use a larger value",
+        ),
+        (
+            {"verify_top_k": 2.5},
+            "experiments.attribution.verify_top_k = 2.5: Input should be a valid integer",
+        ),
+        (
+            {"grad_drop": 1},
+            "experiments.attribution.grad_drop = 1: Input should be a valid boolean; fix: write "
+            "true or false",
+        ),
+        (
+            {"positions": "labels"},
+            "experiments.attribution.positions = 'labels': Input should be 'all' or 'targets'",
+        ),
+        ({"layers": [-1]}, "experiments.attribution.layers.0 = -1: Input should be greater"),
+        (
+            {"programs_per_shard": 0},
+            "experiments.attribution.programs_per_shard = 0: Input should be greater than",
+        ),
+        (
+            {"tasks": ["boolean"]},
+            "experiments.attribution.tasks names ['boolean'], which are not in tasks",
+        ),
+        (
+            {"verify_topk": 2},
+            "experiments.attribution.verify_topk = 2: Extra inputs are not permitted; fix: remove "
+            "it, or check its spelling against the allowed keys: sites, layers, "
+            "programs_per_shard, tasks, positions, batch_size, attention_fix, grad_drop, "
+            "verify_top_k",
+        ),
+        (
+            {"layers_per_shard": 2},
+            "experiments.attribution.layers_per_shard = 2: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_bad_attribution_blocks_name_field_value_and_fix(changes, message) -> None:
+    with pytest.raises(SpecError) as err:
+        attribution_spec(**changes)
+    assert str(err.value).startswith("unit.yaml: the spec is not valid")
+    assert message in str(err.value)
+
+
+def test_attribution_shards_hold_every_layer_per_site() -> None:
+    spec = attribution_spec(tasks=["binding"])
+    shards = [s for s in iter_shards(spec, N_LAYERS) if s.kind == "attribution"]
+    # models x (binding: 2 lengths x 3 blocks of 4 programs) x 2 sites, never cut by layers
+    assert len(shards) == 2 * 2 * 3 * 2
+    assert count_shards(spec, N_LAYERS) == {"behavior": 14, "patching": 32, "attribution": 24}
+    assert len(list(iter_shards(spec, N_LAYERS))) == sum(count_shards(spec, N_LAYERS).values())
+    by_model = {m: {s.layers for s in shards if s.model == m} for m in N_LAYERS}
+    assert by_model == {"org/model-a": {tuple(range(7))}, "models/local-b": {(0, 1)}}
+    first = shards[0]
+    assert (first.model, first.task, first.seq_len, first.start, first.n) == (
+        "org/model-a",
+        "binding",
+        4,
+        0,
+        4,
+    )
+    assert [s.site for s in shards[:2]] == ["resid_pre", "attn_head"]
+    assert {(s.start, s.n) for s in shards} == {(0, 4), (4, 4), (8, 2)}
+    sink = ResultsDir(Path("/results/run"))
+    assert sink.shard_path(first) == Path(
+        f"/results/run/attribution/model=org--model-a/site=resid_pre/{first.id}.parquet"
+    )
+    patching = {s.id for s in iter_shards(spec, N_LAYERS) if s.kind == "patching"}
+    assert not patching & {s.id for s in shards}, "a kind's ids are its own"
+    assert patching == {s.id for s in iter_shards(spec_with(), N_LAYERS) if s.kind == "patching"}
+    # Chosen layers, not consecutive: still one shard per site, layers sorted and once each.
+    chosen = [s for s in iter_shards(attribution_spec(layers=[5, 0, 5]), N_LAYERS)]
+    assert {s.layers for s in chosen if s.kind == "attribution"} == {(0, 5)}
+    assert chosen[-1].describe().endswith("site=attn_head layers 0,5")
+
+
+def test_attribution_shard_ids_change_with_what_changes_rows() -> None:
+    def ids(spec) -> list[str]:
+        return [s.id for s in iter_shards(spec, N_LAYERS) if s.kind == "attribution"]
+
+    base = ids(attribution_spec())
+    assert base == ids(attribution_spec()) and len(set(base)) == len(base)
+    assert ids(attribution_spec(batch_size=3)) == base, "the batch size decides no row"
+    assert ids(spec_with(experiments__attribution={**ATTRIBUTION, "batch_size": "auto"})) == base
+    for changed in (
+        {"attention_fix": True},
+        {"grad_drop": True},
+        {"verify_top_k": 4},
+        {"positions": "targets"},
+    ):
+        new = ids(attribution_spec(**changed))
+        assert len(new) == len(base) and not set(new) & set(base), changed
+
+    # programs_per_shard counts only through the blocks it makes: the same block, the same id.
+    def blocks(spec) -> dict[tuple, str]:
+        return {
+            (s.model, s.task, s.seq_len, s.start, s.n, s.site): s.id
+            for s in iter_shards(spec, N_LAYERS)
+            if s.kind == "attribution"
+        }
+
+    old, new = blocks(attribution_spec()), blocks(attribution_spec(programs_per_shard=5))
+    same = old.keys() & new.keys()
+    assert {key[1:5] for key in same} == {("range", 5, 0, 3)}, "only range's one block of 3"
+    assert all(old[key] == new[key] for key in same)
+    assert not {old[k] for k in old.keys() - same} & set(new.values())
+
+
+def test_an_attribution_shard_splits_by_layers_then_programs() -> None:
+    shard = next(
+        s
+        for s in iter_shards(attribution_spec(), N_LAYERS)
+        if s.kind == "attribution" and s.model == "models/local-b"
+    )
+    assert shard.layers == (0, 1) and shard.n == 4
+    a, b = split(shard)
+    assert (a.layers, b.layers, a.part, b.part) == ((0,), (1,), (0, 2), (1, 2))
+    c, d = split(a)
+    assert (c.layers, c.start, c.n, d.start, d.n) == ((0,), 0, 2, 2, 2)
+    assert {c.id, d.id} == {shard.id}, "parts keep the shard's id"
