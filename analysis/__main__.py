@@ -71,6 +71,13 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
             "of a program's k largest |exact| within its 2k largest |estimate|)\n"
             + show(agreement, "table")
         )
+    every = queries.run(con, queries.AGREEMENT_ALL_CELLS)
+    if len(every):
+        out.append(
+            "attribution estimate against this run's exact patching, every cell both cover "
+            "(top10_in_top20: share of a program's 10 largest |exact| within its 20 largest "
+            "|estimate|)\n" + show(every, "table")
+        )
     check = prompts.prompt_check(con)
     if check:
         out.append(prompts.format_prompt_check(check))

@@ -216,6 +216,55 @@ ORDER BY model, site
 """
 )
 
+# Every cell that the run both estimated and patched exactly (a spec with `patching` over the
+# same sites and positions as `attribution`): estimate against `patched - clean` of the patching
+# row, its Spearman and Pearson correlation, and per program the share of its 10 largest |exact|
+# within its 20 largest |estimate| (ties broken by layer, pos, head). Not filtered, like
+# AGREEMENT: it judges the estimate.
+_JOINED = """
+    SELECT a.model, a.site, a.task, a.seq_len, a.program, a.layer, a.pos, a.head, a.estimate,
+           p.patched_logit_diff - p.clean_logit_diff AS exact
+    FROM attribution AS a
+    JOIN patching AS p
+      ON a.model = p.model AND a.task = p.task AND a.seq_len = p.seq_len
+     AND a.program = p.program AND a.site = p.site AND a.layer = p.layer AND a.pos = p.pos
+     AND a.head IS NOT DISTINCT FROM p.head
+    WHERE a.estimate IS NOT NULL AND p.patched_logit_diff IS NOT NULL
+"""
+_PLACED = f"""
+    SELECT *,
+           row_number() OVER (
+               PARTITION BY {_PROGRAM} ORDER BY abs(estimate) DESC, layer, pos, head
+           ) AS estimate_place,
+           row_number() OVER (
+               PARTITION BY {_PROGRAM} ORDER BY abs(exact) DESC, layer, pos, head
+           ) AS exact_place
+    FROM verified
+"""
+_FOUND_10 = f"""
+    SELECT {_PROGRAM}, avg((estimate_place <= 20)::INTEGER) AS found
+    FROM placed
+    WHERE exact_place <= 10
+    GROUP BY {_PROGRAM}
+"""
+AGREEMENT_ALL_CELLS = (
+    _with(
+        verified=_JOINED,
+        ranked=_RANKED,
+        correlation=_CORRELATION,
+        placed=_PLACED,
+        found=_FOUND_10,
+    )
+    + """
+SELECT model, site, c.n AS cells, count(f.program) AS programs, any_value(c.spearman) AS spearman,
+       any_value(c.pearson) AS pearson, avg(f.found) AS top10_in_top20
+FROM correlation AS c
+JOIN found AS f USING (model, site)
+GROUP BY model, site, c.n
+ORDER BY model, site
+"""
+)
+
 # The verified cells for the scatter, with their (model, site)'s Spearman and count.
 ATTRIBUTION_VERIFIED = (
     _with(**_CORRELATED)

@@ -11,40 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.attribution import ATTRIBUTION_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import main, summary
 from tests.unit.test_analysis import PROGRAMS, patching_rows, programs_table
 
 LABELS = ["ref_depth_1_rhs", "query_var", "final_colon", None, ""]  # the last two: unlabelled
-SCHEMA = pa.schema(
-    [
-        ("model", pa.string()),
-        ("task", pa.string()),
-        ("seq_len", pa.int32()),
-        ("program", pa.int64()),
-        ("site", pa.string()),
-        ("layer", pa.int32()),
-        ("head", pa.int32()),
-        ("pos", pa.int32()),
-        ("token", pa.string()),
-        ("label", pa.string()),
-        ("clean_answer", pa.string()),
-        ("cf_answer", pa.string()),
-        ("answer_prefix", pa.string()),
-        ("top1_correct", pa.bool_()),
-        ("cf_top1_correct", pa.bool_()),
-        ("clean_logit_diff", pa.float32()),
-        ("cf_logit_diff", pa.float32()),
-        ("estimate", pa.float32()),
-        ("norm_estimate", pa.float32()),
-        ("grad_drop", pa.float32()),
-        ("attention_fix", pa.bool_()),
-        ("verify", pa.string()),
-        ("exact", pa.float32()),
-        ("norm_exact", pa.float32()),
-        ("exact_flipped", pa.bool_()),
-    ]
-)
+SCHEMA = ATTRIBUTION_SCHEMA  # the writer's own, so that the two cannot drift apart
 
 
 def cell(program: tuple, site: str, layer: int, pos: int, estimate: float, **kw) -> dict:
@@ -341,3 +314,51 @@ def test_a_run_without_attribution_still_works(tmp_path, capsys) -> None:
     assert main([str(root), "--out", str(tmp_path / "c")]) == 0
     written = {p.stem for p in (tmp_path / "c").glob("*.png")}
     assert "patching_heatmap" in written and not any(w.startswith("attribution") for w in written)
+
+
+def test_agreement_over_every_cell_the_run_also_patched(tmp_path) -> None:
+    """Attribution rows joined with the run's own patching rows by cell: Spearman and Pearson
+    of estimate against patched - clean over every joined cell, and the top-10-in-top-20 share
+    per program, against pandas."""
+    rng = random.Random(3)
+    root = tmp_path / "run"
+    root.mkdir()
+    pq.write_table(programs_table(), root / "programs.parquet")
+    for site in ("resid_pre", "attn_head"):
+        patched = patching_rows("org/a", site)
+        rows = []
+        for p in patched:
+            exact = p["patched_logit_diff"] - p["clean_logit_diff"]
+            program = (p["task"], p["seq_len"], p["program"])
+            estimate = float(pa.array([exact + rng.gauss(0, 0.5)], pa.float32())[0].as_py())
+            rows.append(cell(program, site, p["layer"], p["pos"], estimate, head=p["head"]))
+        write(root, site, rows)
+        folder = root / "patching" / "model=org--a" / f"site={site}"
+        folder.mkdir(parents=True)
+        # One patched cell without an estimate: the join leaves it out.
+        pq.write_table(pa.Table.from_pylist(patched), folder / "p1.parquet")
+    got = queries.run(connect(root), queries.AGREEMENT_ALL_CELLS).set_index("site")
+    est = frame(root)
+    pat = pq.read_table(root / "patching", partitioning=None).to_pandas()
+    pat["exact"] = (pat.patched_logit_diff - pat.clean_logit_diff).astype("float32")
+    key = ["task", "seq_len", "program", "site", "layer", "pos"]
+    for site in ("resid_pre", "attn_head"):
+        keys = key + (["head"] if site == "attn_head" else [])
+        joined = est[est.site == site].merge(pat[pat.site == site][[*keys, "exact"]], on=keys)
+        joined = joined.drop(columns=["exact_x"]).rename(columns={"exact_y": "exact"})
+        row = got.loc[site]
+        assert row.cells == len(joined) == len(pat[pat.site == site])
+        assert row.spearman == pytest.approx(spearman(joined.estimate, joined.exact), abs=1e-6)
+        assert row.pearson == pytest.approx(joined.estimate.corr(joined.exact), abs=1e-5)
+        shares = []
+        for _, p in joined.groupby(["task", "seq_len", "program"]):
+            top = set(p.exact.abs().nlargest(10).index)
+            shares.append(len(top & set(p.estimate.abs().nlargest(20).index)) / len(top))
+        assert row.programs == len(shares)
+        assert row.top10_in_top20 == pytest.approx(sum(shares) / len(shares))
+
+
+def test_the_empty_view_has_the_writers_columns(tmp_path) -> None:
+    con = connect(tmp_path)
+    columns = [r[0] for r in con.execute("DESCRIBE attribution").fetchall()]
+    assert columns == ATTRIBUTION_SCHEMA.names
