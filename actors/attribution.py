@@ -37,7 +37,6 @@ from the memory budget (`Footprint.backward_bytes`), halved on out-of-memory.
 
 import contextlib
 import dataclasses
-import random
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -46,36 +45,18 @@ import torch
 from torch import Tensor
 
 from actors.arch import SITES, ArchMap
-from actors.budget import Footprint, auto_budget
+from actors.attribution_table import ATTRIBUTION_SCHEMA, block, chosen_cells, fill_exact, table
+from actors.budget import Footprint, auto_budget, check_batch_size
 from actors.engine import hidden_of, installed, output_of
 from actors.execute import is_oom
 from actors.loading import LoadedModel
 from actors.patching import PATCHING_SCHEMA, Patcher
 from actors.quantized import gradients_through_4bit
-from actors.rows import MIN_DENOMINATOR, append_rows
+from actors.rows import append_rows
 from actors.saturation import QKFix
 from actors.targets import EncodedPair
 
-Cell = tuple[str, int, int, int | None]  # site, layer, pos, head
-
-ATTRIBUTION_SCHEMA = pa.schema(
-    [
-        *(PATCHING_SCHEMA.field(name) for name in PATCHING_SCHEMA.names[:13]),
-        ("top1_correct", pa.bool_()),
-        ("cf_top1_correct", pa.bool_()),
-        ("clean_logit_diff", pa.float32()),
-        ("cf_logit_diff", pa.float32()),
-        ("estimate", pa.float32()),
-        ("norm_estimate", pa.float32()),
-        ("grad_drop", pa.float32()),
-        ("attention_fix", pa.bool_()),
-        ("verify", pa.string()),
-        ("exact", pa.float32()),
-        ("norm_exact", pa.float32()),
-        ("exact_flipped", pa.bool_()),
-    ]
-)
-assert ATTRIBUTION_SCHEMA.names[12] == "answer_prefix", ATTRIBUTION_SCHEMA.names
+__all__ = ["ATTRIBUTION_SCHEMA", "Attributor", "Estimates"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +169,7 @@ class Attributor:
 
     @batch_size.setter
     def batch_size(self, value: int | Literal["auto"]) -> None:
-        if value != "auto" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+        check_batch_size(value)
         self._batch_size = value
         if hasattr(self, "patcher"):
             self.patcher.batch_size = value
@@ -377,113 +357,30 @@ class Attributor:
         self.patcher.skipped = []
         encoded = self.patcher.encode(programs, answer_prefix)
         self.skipped = list(self.patcher.skipped)
-        rows: list[dict] = []
+        blocks = []
         for est in self.estimate([pair for _, pair in encoded], sites, layers):
-            for row, g in enumerate(est.programs):
-                rows.extend(_rows(self.lm.name, encoded[g], est, row, positions, self.arch))
-        for r in rows:
-            r["attention_fix"] = self.attention_fix
-        if verify_top_k:
-            self._verify(rows, encoded, sites, layers, positions, verify_top_k, seed)
-        columns = {name: [r.get(name) for r in rows] for name in ATTRIBUTION_SCHEMA.names}
-        return pa.table(columns, schema=ATTRIBUTION_SCHEMA)
-
-    def _verify(self, rows, encoded, sites, layers, positions, k: int, seed: int) -> None:
-        """Mark each program's chosen cells (`verify`) and fill in their exact effects."""
-        by_program: dict[tuple, dict[str, list[dict]]] = {}
-        for r in rows:
-            key = (r["task"], r["seq_len"], r["program"])
-            by_program.setdefault(key, {}).setdefault(r["site"], []).append(r)
-        cells: dict[tuple, set[Cell]] = {}
-        score = "grad_drop" if self.grad_drop else "estimate"
-        for key, per_site in by_program.items():
-            for site, mine in per_site.items():
-                rng = random.Random(f"{seed}/{key[0]}/{key[1]}/{key[2]}/{site}")
-                for r, kind in choose(mine, score, k, rng):
-                    r["verify"] = kind
-                    cells.setdefault(key, set()).add((r["site"], r["layer"], r["pos"], r["head"]))
-        columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
-        for wave in self.patcher.run_pairs(encoded, sites, layers, positions, cells):
-            append_rows(columns, self.lm.name, "first_token", wave, self.lm.tokenizer)
-        exact = {}
-        for r in pa.table(columns, schema=PATCHING_SCHEMA).to_pylist():
-            key = (
-                r["task"],
-                r["seq_len"],
-                r["program"],
-                r["site"],
-                r["layer"],
-                r["pos"],
-                r["head"],
+            cells = {c: v.cpu().numpy() for c, v in est.cells.items()}
+            drops = (
+                {c: v.cpu().numpy() for c, v in est.grad_drop.items()} if est.grad_drop else None
             )
-            exact[key] = r
-        for r in rows:
-            if r.get("verify") is None:
-                continue
-            e = exact[
-                (r["task"], r["seq_len"], r["program"], r["site"], r["layer"], r["pos"], r["head"])
-            ]
-            r["exact"] = e["patched_logit_diff"] - e["clean_logit_diff"]
-            r["norm_exact"] = e["norm_effect"]
-            r["exact_flipped"] = e["flipped"]
-
-
-def _cell_of(row: dict) -> tuple:
-    """A row's program and cell: (task, seq_len, program, site, layer, pos, head)."""
-    return tuple(row[k] for k in ("task", "seq_len", "program", "site", "layer", "pos", "head"))
-
-
-def choose(rows: list[dict], score: str, k: int, rng: random.Random) -> list[tuple[dict, str]]:
-    """The k rows of largest |score| (`top`) and k others drawn at random (`random`)."""
-    order = sorted(range(len(rows)), key=lambda i: -abs(rows[i][score] or 0.0))
-    top, rest = order[:k], sorted(order[k:])
-    picked = rng.sample(rest, min(k, len(rest)))
-    return [(rows[i], "top") for i in top] + [(rows[i], "random") for i in picked]
-
-
-def _rows(
-    model: str,
-    encoded: tuple[dict, EncodedPair],
-    est: Estimates,
-    row: int,
-    positions,
-    arch: ArchMap,
-) -> Iterator[dict]:
-    """One program's rows: every (site, layer) of the batch, each position (and head)."""
-    prog, pair = encoded
-    clean, cf = float(est.clean_logit_diff[row]), float(est.cf_logit_diff[row])
-    denom = cf - clean
-    fixed = {
-        "model": model,
-        "task": prog["task"],
-        "seq_len": prog["seq_len"],
-        "program": prog["index"],
-        "clean_answer": prog["answer"],
-        "cf_answer": prog["cf_answer"],
-        "answer_prefix": pair.prefix,
-        "top1_correct": int(est.clean_top[row]) == pair.clean_answer_id,
-        "cf_top1_correct": int(est.cf_top[row]) == pair.cf_answer_id,
-        "clean_logit_diff": clean,
-        "cf_logit_diff": cf,
-    }
-    wanted = pair.positions(positions)
-    for (site, layer), values in est.cells.items():
-        values = values[row].cpu()
-        drop = est.grad_drop[(site, layer)][row].cpu() if est.grad_drop else None
-        heads = range(arch.n_heads) if site == "attn_head" else [None]
-        for pos in wanted:
-            for head in heads:
-                at = (pos,) if head is None else (pos, head)
-                value = float(values[at])
-                yield {
-                    **fixed,
-                    "site": site,
-                    "layer": layer,
-                    "head": head,
-                    "pos": pos,
-                    "token": pair.tokens[pos],
-                    "label": pair.labels[pos],
-                    "estimate": value,
-                    "norm_estimate": value / denom if abs(denom) >= MIN_DENOMINATOR else None,
-                    "grad_drop": None if drop is None else float(drop[at]),
-                }
+            for row, g in enumerate(est.programs):
+                prog, pair = encoded[g]
+                blocks.append(
+                    block(
+                        self.lm.name,
+                        prog,
+                        pair,
+                        (float(est.clean_logit_diff[row]), float(est.cf_logit_diff[row])),
+                        (int(est.clean_top[row]), int(est.cf_top[row])),
+                        {c: v[row] for c, v in cells.items()},
+                        None if drops is None else {c: v[row] for c, v in drops.items()},
+                        pair.positions(positions),
+                    )
+                )
+        if verify_top_k:
+            chosen = chosen_cells(blocks, verify_top_k, seed, by_grad_drop=self.grad_drop)
+            columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
+            for wave in self.patcher.run_pairs(encoded, sites, layers, positions, chosen):
+                append_rows(columns, self.lm.name, "first_token", wave, self.lm.tokenizer)
+            fill_exact(blocks, pa.table(columns, schema=PATCHING_SCHEMA))
+        return table(blocks, self.attention_fix)

@@ -91,6 +91,16 @@ def auto_budget(device: torch.device) -> int:
     return budget if device.type == "cuda" else min(budget, CPU_BUDGET)
 
 
+def check_batch_size(value: object) -> None:
+    """A batch size is a whole number >= 1 or `auto`.
+
+    Raises:
+        ValueError: anything else, naming it.
+    """
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+
+
 def row_limit(footprint: Footprint, budget_bytes: int | None, max_rows: int | None) -> RowLimit:
     """Rows per pass: what fits `budget_bytes` (None: no memory limit), at most `max_rows`."""
 

@@ -34,7 +34,7 @@ import torch
 from actors.allocator import keep_freed_memory
 from actors.answers import AUTO, choice, resolve_prefixes
 from actors.arch import SITES, ArchMap
-from actors.budget import STACK_FRACTION, Footprint, auto_budget, row_limit
+from actors.budget import STACK_FRACTION, Footprint, auto_budget, check_batch_size, row_limit
 from actors.engine import Engine, Stack
 from actors.execute import run_plan
 from actors.forcing import Unit, tokens, units
@@ -137,8 +137,7 @@ class Patcher:
 
     @batch_size.setter
     def batch_size(self, value: int | Literal["auto"]) -> None:
-        if value != "auto" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+        check_batch_size(value)
         self._batch_size = value
 
     def _budget(self) -> int | None:

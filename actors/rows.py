@@ -32,6 +32,19 @@ class Wave:
     choices: list[tuple[bool, bool]]
 
 
+def program_columns(model: str, prog: dict, pair: EncodedPair) -> dict:
+    """The columns a program's rows share, in patching and attribution alike."""
+    return {
+        "model": model,
+        "task": prog["task"],
+        "seq_len": prog["seq_len"],
+        "program": prog["index"],
+        "clean_answer": prog["answer"],
+        "cf_answer": prog["cf_answer"],
+        "answer_prefix": pair.prefix,
+    }
+
+
 def _run_scores(wave: Wave, run: str) -> list[list[float | None]]:
     """Per pair, [score of the clean answer, score of the counterfactual answer] in the clean
     (`run="clean"`) or counterfactual run."""
@@ -95,13 +108,7 @@ def append_rows(columns: dict[str, list], model: str, metric: str, wave: Wave, t
         top1, cf_top1 = tops[g]
         per_program.append(
             {
-                "model": model,
-                "task": prog["task"],
-                "seq_len": prog["seq_len"],
-                "program": prog["index"],
-                "clean_answer": prog["answer"],
-                "cf_answer": prog["cf_answer"],
-                "answer_prefix": pair.prefix,
+                **program_columns(model, prog, pair),
                 "metric": metric,
                 "top1": tokenizer.decode([top1]),
                 "top1_candidate": top1 in pair.candidates,

@@ -247,3 +247,28 @@ def test_auto_batches_from_the_memory_budget(tmp_path) -> None:
         for row, g in enumerate(batch.programs):
             for cell, values in batch.cells.items():
                 torch.testing.assert_close(values[row], one[g][cell][0], rtol=1e-4, atol=1e-5)
+
+
+def test_each_row_holds_its_cells_estimate(tmp_path) -> None:
+    """The table is built column-wise (`actors.attribution_table`): every row's estimate and
+    GradDrop score is the one `estimate` gives its (site, layer, pos, head)."""
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "qwen3", n_layers=2)))
+    progs = programs()
+    attributor = Attributor(lm, batch_size=2, grad_drop=True)
+    rows = attributor.attribute(progs, SITES, None, "targets").to_pylist()
+    pairs = [encode_program(lm.tokenizer, p) for p in progs]
+    want = {}
+    for batch in attributor.estimate(pairs, SITES):
+        for row, g in enumerate(batch.programs):
+            for cell, values in batch.cells.items():
+                want[(g, *cell)] = (values[row], batch.grad_drop[cell][row])
+    index = {(p.task, p.seq_len, p.index): g for g, p in enumerate(progs)}
+    assert len(rows) == sum(len(p.positions("targets")) * 2 * (2 + 4) for p in pairs)
+    for r in rows:
+        g = index[(r["task"], r["seq_len"], r["program"])]
+        at = (r["pos"],) if r["head"] is None else (r["pos"], r["head"])
+        value, drop = want[(g, r["site"], r["layer"])]
+        assert r["estimate"] == pytest.approx(float(value[at]), abs=1e-6)
+        assert r["grad_drop"] == pytest.approx(float(drop[at]), abs=1e-6)
+        assert r["label"] == pairs[g].labels[r["pos"]] and r["token"] == pairs[g].tokens[r["pos"]]
+        assert r["verify"] is None and r["exact"] is None
