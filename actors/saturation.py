@@ -120,6 +120,15 @@ class QKFix:
         self.arch = arch
         self.layout = layout(arch)
         self._store: dict = {}
+        attention = getattr(arch.layers[0], self.layout.attention, None)
+        names = [name for name, _ in self.layout.projections] + [self.layout.out]
+        missing = [n for n in names if not hasattr(attention, n)]
+        if missing:
+            raise ValueError(
+                f"attention_fix: {type(attention).__name__} has no {missing} (its queries and "
+                "keys are not where actors/saturation.py looks for them, e.g. a fused "
+                "projection); fix: set attention_fix: false for this model"
+            )
 
     def _attention(self, layer: int) -> nn.Module:
         return getattr(self.arch.layers[layer], self.layout.attention)

@@ -214,3 +214,97 @@ def test_attention_fix_names_a_family_it_does_not_map(tmp_path) -> None:
     lm = load_model(str(save_tiny_model(tmp_path / "m", "gpt_neox", n_layers=2)))
     with pytest.raises(ValueError, match="attention_fix: false"):
         Attributor(lm, attention_fix=True)
+
+
+def attention_paths(model, layer: int):
+    """(input norm's owner and name, [(projection, slice of its output: queries, keys)], output
+    projection) of `layer`'s attention, by explicit path."""
+    if model.config.model_type == "gpt2":
+        block = model.transformer.h[layer]
+        d = model.config.n_embd
+        return (block, "ln_1"), [(block.attn.c_attn, slice(0, 2 * d))], block.attn.c_proj
+    block = model.model.layers[layer]
+    attn = block.self_attn
+    full = slice(None)
+    return (block, "input_layernorm"), [(attn.q_proj, full), (attn.k_proj, full)], attn.o_proj
+
+
+def fix_by_definition(model, pair, layer: int, plain: torch.Tensor) -> torch.Tensor:
+    """The fixed `resid_pre` estimates of one layer, from the fix's definition written out with
+    plain hooks and full forwards, for a layer whose input norm is the identity (so that the
+    first-order change of the queries and keys is their exact change):
+    plain - sum (q' - q) . dm/dq + (k' - k) . dm/dk at p + sum_t,h (z'_t - z_t) . dm/dz_t, with z'
+    the layer's heads' outputs in a clean forward whose queries and keys at p are the cf's."""
+    _, projections, out = attention_paths(model, layer)
+
+    def run(ids, grad, replace=None):
+        kept, handles = {"proj": [], "z": None}, []
+        for module, part in projections:
+
+            def keep(m, a, o, part=part):
+                if replace is not None:
+                    o = o.clone()
+                    pos, source = replace
+                    o[0, pos, part] = source[len(kept["proj"])][0, pos, part]
+                if grad:
+                    o.retain_grad()
+                kept["proj"].append(o)
+                return o
+
+            handles.append(module.register_forward_hook(keep))
+
+        def keep_z(m, a):
+            if grad:
+                a[0].retain_grad()
+            kept["z"] = a[0]
+
+        handles.append(out.register_forward_pre_hook(keep_z))
+        embed = model.get_input_embeddings()
+        handles.append(embed.register_forward_hook(lambda m, a, o: o.requires_grad_(grad)))
+        try:
+            with torch.set_grad_enabled(grad):
+                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        finally:
+            for h in handles:
+                h.remove()
+        if grad:
+            (logits[pair.cf_answer_id] - logits[pair.clean_answer_id]).backward()
+        return kept
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    clean = run(pair.clean_ids, grad=True)
+    cf = run(pair.cf_ids, grad=False)
+    want = plain.clone().double()
+    for pos in range(pair.first_diff, len(pair.clean_ids)):
+        linear = sum(
+            ((c2[0, pos, part] - c1.detach()[0, pos, part]) * c1.grad[0, pos, part]).sum()
+            for (_, part), c1, c2 in zip(projections, clean["proj"], cf["proj"], strict=True)
+        )
+        moved = run(pair.clean_ids, grad=False, replace=(pos, cf["proj"]))["z"]
+        exact = ((moved - clean["z"].detach()) * clean["z"].grad).sum()
+        want[pos] += float(exact) - float(linear)
+    return want
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "gemma2"])
+def test_attention_fix_equals_its_definition(tmp_path, arch) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / arch, arch, n_layers=3)))
+    model = lm.model.double()
+    for layer in range(3):
+        (owner, name), _, _ = attention_paths(model, layer)
+        setattr(owner, name, torch.nn.Identity())
+    pairs = [encode_program(lm.tokenizer, p) for p in programs(3)]
+    plain = estimates(lm, pairs, ["resid_pre"])
+    fixed = estimates(lm, pairs, ["resid_pre"], attention_fix=True)
+    for g, pair in enumerate(pairs):
+        for layer in (1, 2):
+            want = fix_by_definition(model, pair, layer, plain[(g, "resid_pre", layer)][0])
+            got = fixed[(g, "resid_pre", layer)][0].double()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_attention_fix_names_a_fused_projection(tmp_path) -> None:
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "phi3", n_layers=2)))
+    with pytest.raises(ValueError, match="no \\['q_proj', 'k_proj', 'v_proj'\\]"):
+        Attributor(lm, attention_fix=True)
