@@ -13,6 +13,11 @@ reads the top-1 over the vocabulary (`top1`, `top1_correct`) and the family's ca
 - `generate`: otherwise (multi-token answers that share a first token, or a chat model),
   greedy generation of `max_new_tokens` and the family's answer parser.
 
+`error_kind` sorts each wrong answer to a binding program (`orchestrator.tasks.errors`, by
+priority: `not_a_candidate`, `stale_binding`, `line_1_2_constant`, `distractor_value`, `other`);
+it is null where the answer is right and on every row of the other families, whose programs
+have no chains to classify by.
+
 `template: chat` uses the tokenizer's own chat template (`apply_chat_template`, generation
 prompt on) when it has one, else the built-in question (`CHAT_TEMPLATE`).
 
@@ -38,6 +43,7 @@ from actors.answers import (
 )
 from actors.loading import LoadedModel
 from orchestrator.tasks import CHAT_TEMPLATE, RAW_TEMPLATE, get_family, parse_answer, render_prompt
+from orchestrator.tasks.errors import error_kind
 
 BEHAVIOR_SCHEMA = pa.schema(
     [
@@ -50,6 +56,7 @@ BEHAVIOR_SCHEMA = pa.schema(
         ("expected", pa.string()),
         ("predicted", pa.string()),
         ("correct", pa.bool_()),
+        ("error_kind", pa.string()),
         ("backend", pa.string()),
         ("method", pa.string()),
         ("answer_prefix", pa.string()),
@@ -114,7 +121,9 @@ def behavior_rows(
     asked: Sequence[dict[str, Any]] | None = None,
 ) -> pa.Table:
     """The behaviour table for programs and the answers the model gave (None: no answer);
-    `asked[i]` holds program i's `ASKED` columns (missing: null)."""
+    `asked[i]` holds program i's `ASKED` columns (missing: null). `error_kind` is the kind of a
+    wrong binding answer (`orchestrator.tasks.errors.error_kind`), null on right answers and
+    on other families."""
     rows = {f.name: [] for f in BEHAVIOR_SCHEMA}
     asked = asked if asked is not None else [{}] * len(programs)
     for p, pred, extra in zip(programs, predictions, asked, strict=True):
@@ -127,6 +136,7 @@ def behavior_rows(
         rows["expected"].append(p.answer)
         rows["predicted"].append(pred)
         rows["correct"].append(pred == p.answer)
+        rows["error_kind"].append(error_kind(p, pred))
         rows["backend"].append(backend)
         rows["method"].append(method)
         for name in ASKED:

@@ -5,7 +5,8 @@ python -m analysis RESULTS_DIR                 # summary tables, the prompt chec
                                                # RESULTS_DIR/charts
 python -m analysis RESULTS_DIR --sql "SELECT model, avg(correct::INT) FROM behavior GROUP BY 1"
 python -m analysis RESULTS_DIR --shell         # type SQL at a prompt; views: programs,
-                                               # behavior, patching, attribution, skipped
+                                               # behavior, patching, attribution,
+                                               # knockout, skipped
 """
 
 import argparse
@@ -17,15 +18,18 @@ import pandas as pd
 
 from analysis import charts, prompts, queries
 from analysis.db import connect
+from orchestrator.tasks.errors import ERROR_KINDS
 
 CHARTS = {
     "accuracy_vs_length": (queries.ACCURACY_BY_LENGTH, charts.accuracy_vs_length),
     "accuracy_by_depth": (queries.ACCURACY_BY_DEPTH, charts.accuracy_by_depth),
+    "error_kinds": (queries.ERROR_KINDS_BY_DEPTH, charts.error_kinds),
     "patching_heatmap": (queries.HEATMAP_BY_LABEL, charts.patching_heatmap),
     "flip_rate": (queries.FLIP_RATE, charts.flip_rate),
     "heads": (queries.HEADS, charts.heads),
     "attribution_scatter": (queries.ATTRIBUTION_VERIFIED, charts.attribution_scatter),
     "attribution_heatmap": (queries.ATTRIBUTION_HEATMAP, charts.attribution_heatmap),
+    "routing_map": (queries.ROUTING_MAP, charts.routing_map),
 }
 
 
@@ -40,6 +44,40 @@ def show(df: pd.DataFrame, fmt: str) -> str:
         return df.to_string(index=False) if len(df) else "(no rows)"
 
 
+def error_table(con: duckdb.DuckDBPyConnection) -> str | None:
+    """Wrong binding answers per (model, depth) and the share of each kind, or None if none."""
+    kinds = queries.run(con, queries.ERROR_KINDS_BY_DEPTH)
+    if not len(kinds):
+        return None
+    table = kinds.pivot_table(
+        index=["model", "depth", "wrong"], columns="error_kind", values="share", fill_value=0.0
+    )
+    table = table[[k for k in ERROR_KINDS if k in table.columns]].reset_index()
+    table.columns.name = None
+    return "wrong binding answers by kind (share of the wrong answers at each depth)\n" + show(
+        table, "table"
+    )
+
+
+def root_heads(con: duckdb.DuckDBPyConnection, include_all: bool) -> str | None:
+    """One line per model: the three (layer, head) whose knockout of the root edge moves the
+    metric most, or None without knockout rows."""
+    top = queries.run(con, queries.TOP_ROOT_HEADS, include_all=include_all, k=3)
+    if not len(top):
+        return None
+    kept = "all programs" if include_all else queries.KNOCKOUT_KEPT_DESCRIPTION
+    lines = [
+        "knockout of the root edge (source ref_depth_1_rhs, scope answer): the (layer, head) "
+        f"that move mean norm_effect most ({kept})"
+    ]
+    for model, rows in top.groupby("model", sort=True):
+        cells = ", ".join(
+            f"L{r.layer}H{r.head} {r.mean_effect:+.3f} (n={r.n})" for r in rows.itertuples()
+        )
+        lines.append(f"  {model}: {cells}")
+    return "\n".join(lines)
+
+
 def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
     out = []
     acc = queries.run(con, queries.ACCURACY_BY_LENGTH)
@@ -48,6 +86,9 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
         out.append(
             "accuracy by model x task x program length\n" + show(table.reset_index(), "table")
         )
+    errors = error_table(con)
+    if errors:
+        out.append(errors)
     top = queries.run(con, queries.TOP_CELLS, include_all=include_all, k=5)
     cover = queries.run(con, queries.COVERAGE, include_all=include_all).iloc[0]
     kept = (
@@ -78,6 +119,9 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
             "(top10_in_top20: share of a program's 10 largest |exact| within its 20 largest "
             "|estimate|)\n" + show(every, "table")
         )
+    heads = root_heads(con, include_all)
+    if heads:
+        out.append(heads)
     check = prompts.prompt_check(con)
     if check:
         out.append(prompts.format_prompt_check(check))
@@ -86,7 +130,7 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
 
 def shell(con: duckdb.DuckDBPyConnection, fmt: str) -> int:
     print(
-        "views: programs, behavior, patching, attribution, skipped. "
+        "views: programs, behavior, patching, attribution, knockout, skipped. "
         "End a query with ';'. Ctrl-D quits."
     )
     buffer = ""

@@ -11,12 +11,22 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from orchestrator.tasks.errors import ERROR_KINDS
+
 THEME = "varbind"
 INK = "#333333"
 MUTED = "#888888"
 FONT = "Helvetica Neue, Helvetica, Arial, sans-serif"
 DIVERGING = "blueorange"
 PANEL = 180
+# The shortcut in the project's accent, the other kinds in muted hues, unexplained ones grey.
+ERROR_COLORS = {
+    "not_a_candidate": INK,
+    "stale_binding": "#1b9e77",
+    "line_1_2_constant": "#d95f02",
+    "distractor_value": "#7570b3",
+    "other": "#cccccc",
+}
 
 
 def use_theme() -> None:
@@ -114,6 +124,51 @@ def accuracy_by_depth(df: pd.DataFrame) -> alt.FacetChart:
         .properties(width=PANEL, height=PANEL)
         .facet(facet=alt.Facet("model:N", title=None), columns=3)
         .properties(title="Binding accuracy by chain depth, root on line 1-2 or later")
+    )
+
+
+def error_kinds(df: pd.DataFrame) -> alt.FacetChart:
+    """Share of each kind among the wrong binding answers, stacked by referential depth, one
+    panel per model, the number of wrong answers above each bar; the kinds stack in their
+    priority order (`ERROR_KINDS`)."""
+    use_theme()
+    assert set(ERROR_COLORS) == set(ERROR_KINDS), f"{sorted(ERROR_COLORS)} != {ERROR_KINDS}"
+    rank = {kind: i for i, kind in enumerate(ERROR_KINDS)}
+    x = alt.X("depth:O", title="referential depth", axis=alt.Axis(labelAngle=0))
+    bars = (
+        alt.Chart()
+        .mark_bar(width={"band": 0.7})
+        .encode(
+            x=x,
+            y=alt.Y(
+                "share:Q",
+                title="share of wrong answers",
+                stack="zero",
+                scale=alt.Scale(domain=[0, 1]),
+            ),
+            color=alt.Color(
+                "error_kind:N",
+                title=None,
+                scale=alt.Scale(
+                    domain=list(ERROR_KINDS), range=[ERROR_COLORS[k] for k in ERROR_KINDS]
+                ),
+                legend=alt.Legend(orient="bottom"),
+            ),
+            order=alt.Order("rank:Q"),
+            tooltip=["model", "depth", "error_kind", alt.Tooltip("share:Q", format=".2f"), "n"],
+        )
+    )
+    counts = (
+        alt.Chart()
+        .transform_aggregate(wrong="max(wrong)", groupby=["model", "depth"])
+        .mark_text(dy=-6, fontSize=9, color=MUTED)
+        .encode(x=x, y=alt.datum(1), text="wrong:Q")
+    )
+    return (
+        alt.layer(bars, counts, data=df.assign(rank=df["error_kind"].map(rank)))
+        .properties(width=PANEL, height=PANEL)
+        .facet(facet=alt.Facet("model:N", title=None), columns=3)
+        .properties(title="Wrong binding answers by kind and chain depth (number wrong above)")
     )
 
 
@@ -268,6 +323,42 @@ def heads(df: pd.DataFrame) -> alt.FacetChart:
         .properties(width=PANEL, height=PANEL)
         .facet(row=alt.Row("label:N", title=None), column=alt.Column("model:N", title=None))
         .properties(title="Effect of patching each attention head at the query")
+    )
+
+
+def routing_map(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x head grid of the mean normalized effect of blocking the head's attention to one
+    source position, one column per source label and one row per model and scope; the colour
+    scale is the patching heatmap's."""
+    use_theme()
+    data = df.assign(panel=_per_model(df, "scope: " + df["scope"]))
+    return (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
+            y=alt.Y("layer:O", title="layer", sort="descending"),
+            color=_effect_color(data),
+            tooltip=[
+                "model",
+                "scope",
+                "source",
+                "layer",
+                "head",
+                alt.Tooltip("mean_effect:Q", format=".3f"),
+                "n",
+            ],
+        )
+        .properties(width=PANEL, height=PANEL)
+        .facet(
+            row=alt.Row("panel:N", title=None),
+            column=alt.Column(
+                "source:N",
+                title=None,
+                sort=_label_order(data["source"].unique()) if len(data) else None,
+            ),
+        )
+        .properties(title="Effect of blocking each head's attention to each source")
     )
 
 

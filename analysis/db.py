@@ -1,16 +1,17 @@
 """DuckDB views over a results directory: `programs`, `behavior`, `patching`, `attribution`,
-`skipped`.
+`knockout`, `skipped`.
 
 Reads only complete shard files (the writers rename into place; temporaries live in `.tmp/`,
 outside these globs), so it works on a run that is still being written. Schemas are unioned by
 name, and every view has every column of `EMPTY` (older files read NULL where they lack one), so
 runs written by different versions read together.
 
-The folders are hive-partitioned (`model=<m>/site=<s>`), but the path holds the model id
-*escaped* for file names (`Qwen--Qwen3-0.6B`), while every file carries the real values of its
-partition columns (`model` = `Qwen/Qwen3-0.6B`). DuckDB lets a hive key override the file's own
-column of the same name, so the views read the files' columns (`hive_partitioning = false`);
-filters on them still skip data through Parquet row-group statistics.
+The folders are hive-partitioned (`model=<m>/site=<s>`; knockout's `model=<m>/scope=<s>`), but
+the path holds the model id *escaped* for file names (`Qwen--Qwen3-0.6B`), while every file
+carries the real values of its partition columns (`model` = `Qwen/Qwen3-0.6B`). DuckDB lets a
+hive key override the file's own column of the same name, so the views read the files' columns
+(`hive_partitioning = false`); filters on them still skip data through Parquet row-group
+statistics.
 """
 
 from pathlib import Path
@@ -25,9 +26,9 @@ EMPTY = {
     "query VARCHAR, cf_text VARCHAR, cf_answer VARCHAR, depth INTEGER, root_line INTEGER, "
     "heuristic BOOLEAN, spans MAP(VARCHAR, INTEGER[])",
     "behavior": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, depth INTEGER, "
-    "heuristic BOOLEAN, expected VARCHAR, predicted VARCHAR, correct BOOLEAN, backend VARCHAR, "
-    "method VARCHAR, answer_prefix VARCHAR, top1 VARCHAR, top1_candidate BOOLEAN, "
-    "top1_correct BOOLEAN, choice_correct BOOLEAN",
+    "heuristic BOOLEAN, expected VARCHAR, predicted VARCHAR, correct BOOLEAN, "
+    "error_kind VARCHAR, backend VARCHAR, method VARCHAR, answer_prefix VARCHAR, top1 VARCHAR, "
+    "top1_candidate BOOLEAN, top1_correct BOOLEAN, choice_correct BOOLEAN",
     "patching": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, site VARCHAR, "
     "layer INTEGER, head INTEGER, pos INTEGER, token VARCHAR, label VARCHAR, "
     "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, metric VARCHAR, "
@@ -41,6 +42,13 @@ EMPTY = {
     "top1_correct BOOLEAN, cf_top1_correct BOOLEAN, clean_logit_diff FLOAT, cf_logit_diff FLOAT, "
     "estimate FLOAT, norm_estimate FLOAT, grad_drop FLOAT, attention_fix BOOLEAN, "
     "verify VARCHAR, exact FLOAT, norm_exact FLOAT, exact_flipped BOOLEAN",
+    # One row per program x (layer, head) x source position x scope: the head's attention from
+    # the answer (`answer`) or from every later position (`later`) to `source` blocked.
+    "knockout": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, layer INTEGER, "
+    "head INTEGER, source VARCHAR, source_pos INTEGER, scope VARCHAR, token VARCHAR, "
+    "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, top1_correct BOOLEAN, "
+    "clean_logit_diff FLOAT, cf_logit_diff FLOAT, knocked_logit_diff FLOAT, effect FLOAT, "
+    "norm_effect FLOAT, top1_changed BOOLEAN",
     "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR",
 }
 # Columns that older runs wrote under another name with the same meaning: the clean and the
@@ -53,6 +61,7 @@ GLOBS = {
     "behavior": "behavior/**/*.parquet",
     "patching": "patching/**/*.parquet",
     "attribution": "attribution/**/*.parquet",
+    "knockout": "knockout/**/*.parquet",
     "skipped": "skipped/**/*.parquet",
 }
 

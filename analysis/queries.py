@@ -5,6 +5,9 @@ vocabulary is the answer's in both the clean and the counterfactual run (`top1_c
 `cf_top1_correct`), and not heuristic ones (root value on line 1 or 2), as the method says;
 `$include_all = true` keeps every program. `KEPT_DESCRIPTION` says so in words for the summary.
 
+Knockout aggregates keep the programs whose clean top-1 is the answer (`top1_correct`; a knockout
+row has no counterfactual run's top-1) and not heuristic ones, through the same filter.
+
 Attribution aggregates compare the first-order estimates with exact patching. The estimate
 heatmap keeps the programs patching keeps (the same filter, over `attribution`); the agreement
 of estimate and exact reads every verified cell (`exact` not NULL), of right and wrong
@@ -24,14 +27,22 @@ def _with(**ctes: str) -> str:
     return "\nWITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes.items()) + "\n"
 
 
-def _kept(view: str, columns: str = "p.*") -> str:
-    """The rows of `view` (`patching` or `attribution`) of the programs the method keeps."""
+# The runs whose top-1 must be the answer for a program to be kept: the clean and the
+# counterfactual one. Knockout rows ask only the clean run (`KNOCKOUT_CORRECT`).
+CORRECT = ("top1_correct", "cf_top1_correct")
+KNOCKOUT_CORRECT = ("top1_correct",)
+
+
+def _kept(view: str, columns: str = "p.*", correct: tuple[str, ...] = CORRECT) -> str:
+    """The rows of `view` (`patching`, `attribution` or `knockout`) of the programs the method
+    keeps: every column of `correct` true, the root not on line 1 or 2."""
+    right = " AND ".join(f"p.{column}" for column in correct)
     return f"""
     SELECT {columns}
     FROM {view} AS p
     LEFT JOIN programs AS g USING (task, seq_len, program)
     WHERE $include_all
-       OR (p.top1_correct AND p.cf_top1_correct AND NOT coalesce(g.heuristic, false))
+       OR ({right} AND NOT coalesce(g.heuristic, false))
 """
 
 
@@ -66,6 +77,19 @@ FROM behavior
 WHERE task = 'binding'
 GROUP BY model, depth, heuristic
 ORDER BY model, depth, heuristic
+"""
+
+# Wrong binding answers by kind (`orchestrator.tasks.errors`) and depth: `n` of the `wrong`
+# answers at that (model, depth), and their `share`. Runs written before the column read NULL
+# kinds and have no rows here.
+ERROR_KINDS_BY_DEPTH = """
+SELECT model, depth, error_kind, count(*) AS n,
+       (sum(count(*)) OVER (PARTITION BY model, depth))::BIGINT AS wrong,
+       count(*) / sum(count(*)) OVER (PARTITION BY model, depth) AS share
+FROM behavior
+WHERE task = 'binding' AND NOT correct AND error_kind IS NOT NULL
+GROUP BY model, depth, error_kind
+ORDER BY model, depth, error_kind
 """
 
 HEATMAP_BY_LABEL = KEPT + _by_label("kept", "norm_effect") + "ORDER BY model, site, layer, label\n"
@@ -276,6 +300,39 @@ QUALIFY row_number() OVER (
     PARTITION BY model, site ORDER BY hash(v.task, v.seq_len, v.program, v.layer, v.pos, v.head)
 ) <= {SCATTER_POINTS}
 ORDER BY model, site, v.verify, v.exact
+"""
+)
+
+
+# Knockout rows of the kept programs (only the clean run's top-1 is asked), and the mean
+# normalized effect of blocking each head's attention to each source, per scope.
+KNOCKOUT_KEPT_DESCRIPTION = (
+    "programs whose top-1 is the answer (top1_correct), root not on line 1-2"
+)
+_KNOCKED = {
+    "kept": _kept("knockout", correct=KNOCKOUT_CORRECT),
+    "routes": """
+    SELECT model, scope, source, layer, head, avg(norm_effect) AS mean_effect,
+           count(norm_effect) AS n
+    FROM kept
+    GROUP BY model, scope, source, layer, head
+""",
+}
+
+ROUTING_MAP = (
+    _with(**_KNOCKED) + "SELECT * FROM routes ORDER BY model, scope, source, layer, head\n"
+)
+
+# Per model, the $k (layer, head) whose knockout of the root edge (attention from the answer to
+# the root value) moves the metric most, either way (ties: by layer, head).
+TOP_ROOT_HEADS = (
+    _with(**_KNOCKED)
+    + """
+SELECT model, layer, head, mean_effect, n
+FROM routes
+WHERE source = 'ref_depth_1_rhs' AND scope = 'answer' AND mean_effect IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY model ORDER BY abs(mean_effect) DESC, layer, head) <= $k
+ORDER BY model, abs(mean_effect) DESC, layer, head
 """
 )
 

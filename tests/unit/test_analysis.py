@@ -257,9 +257,12 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
             {"x": "head", "y": "layer", "color": "mean_effect"},
         ),
     }
-    assert set(CHARTS) - set(expected) == {"attribution_scatter", "attribution_heatmap"}, (
-        "the attribution charts are tested in test_attribution_analysis.py"
-    )
+    assert set(CHARTS) - set(expected) == {
+        "attribution_scatter",
+        "attribution_heatmap",
+        "routing_map",
+        "error_kinds",
+    }, "tested in test_attribution_analysis.py, test_knockout_analysis.py and below"
     for name in expected:
         sql, draw = CHARTS[name]
         chart = draw(queries.run(con, sql))
@@ -284,6 +287,86 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
     heat = charts.patching_heatmap(queries.run(con, queries.HEATMAP_BY_LABEL)).to_dict()
     scale = heat["spec"]["encoding"]["color"]["scale"]
     assert scale["domainMid"] == 0 and scale["domain"][0] == -scale["domain"][1]
+
+
+def kinds_table(model: str, rows: list[tuple[int, str | None]], task: str = "binding"):
+    """Behaviour rows of (depth, error_kind): right where the kind is None."""
+    return pa.table(
+        {
+            "model": [model] * len(rows),
+            "task": [task] * len(rows),
+            "seq_len": pa.array([16] * len(rows), pa.int32()),
+            "program": pa.array(range(len(rows)), pa.int64()),
+            "depth": pa.array([d for d, _ in rows], pa.int32()),
+            "correct": [k is None for _, k in rows],
+            "error_kind": pa.array([k for _, k in rows], pa.string()),
+        }
+    )
+
+
+@pytest.fixture
+def errors_dir(tmp_path) -> Path:
+    """org/a: depth 1 two right, two line-1/2; depth 4 one right, one line-1/2, one stale, two
+    other. org/b: one not_a_candidate at depth 2. Left out: another family's row and four wrong
+    answers of a file written before the column (their kind reads NULL)."""
+    root = tmp_path / "errors"
+    (root / "behavior").mkdir(parents=True)
+    a = [(1, None), (1, None), (1, "line_1_2_constant"), (1, "line_1_2_constant"), (4, None)]
+    a += [(4, "line_1_2_constant"), (4, "stale_binding"), (4, "other"), (4, "other")]
+    pq.write_table(kinds_table("org/a", a), root / "behavior" / "a.parquet")
+    pq.write_table(kinds_table("org/b", [(2, "not_a_candidate")]), root / "behavior" / "b.parquet")
+    # a kind on another family's row would be a writer's bug; the query reads binding only
+    pq.write_table(kinds_table("org/b", [(2, "other")], "range"), root / "behavior" / "r.parquet")
+    pq.write_table(behavior_table("org/b", [False] * 4), root / "behavior" / "old.parquet")
+    return root
+
+
+def test_error_kinds_by_depth_count_and_share_the_wrong_answers(errors_dir) -> None:
+    got = queries.run(connect(errors_dir), queries.ERROR_KINDS_BY_DEPTH)
+    rows = {(r.model, r.depth, r.error_kind): (r.n, r.wrong, r.share) for r in got.itertuples()}
+    assert rows == {
+        ("org/a", 1, "line_1_2_constant"): (2, 2, 1.0),
+        ("org/a", 4, "line_1_2_constant"): (1, 4, 0.25),
+        ("org/a", 4, "other"): (2, 4, 0.5),
+        ("org/a", 4, "stale_binding"): (1, 4, 0.25),
+        ("org/b", 2, "not_a_candidate"): (1, 1, 1.0),
+    }
+
+
+def test_error_kinds_chart_and_summary(errors_dir, tmp_path) -> None:
+    from orchestrator.tasks.errors import ERROR_KINDS
+
+    con = connect(errors_dir)
+    assert CHARTS["error_kinds"] == (queries.ERROR_KINDS_BY_DEPTH, charts.error_kinds)
+    chart = charts.error_kinds(queries.run(con, queries.ERROR_KINDS_BY_DEPTH))
+    spec = chart.to_dict()
+    bars, counts = spec["spec"]["layer"]
+    assert spec["facet"]["field"] == "model" and bars["mark"]["type"] == "bar"
+    assert counts["encoding"]["text"]["field"] == "wrong", "the number wrong above each bar"
+    enc = bars["encoding"]
+    assert {k: enc[k]["field"] for k in ("x", "y", "color", "order")} == {
+        "x": "depth",
+        "y": "share",
+        "color": "error_kind",
+        "order": "rank",
+    }
+    assert enc["y"]["stack"] == "zero" and enc["color"]["scale"]["domain"] == list(ERROR_KINDS)
+    assert spec["config"]["axis"]["grid"] is False, "the theme is on"
+    png, _, _ = charts.save(chart, tmp_path / "charts", "error_kinds")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = summary(con, include_all=False)
+    table = text[text.index("wrong binding answers by kind") :].splitlines()
+    assert table[1].split() == [
+        "model",
+        "depth",
+        "wrong",
+        "not_a_candidate",
+        "stale_binding",
+        "line_1_2_constant",
+        "other",
+    ], "the kinds that occur, in priority order"
+    assert table[3].split() == ["org/a", "4", "4", "0.000", "0.250", "0.250", "0.500"]
+    assert table[4].split() == ["org/b", "2", "1", "1.000", "0.000", "0.000", "0.000"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ from actors.answers import continuations
 from actors.behavior import (
     BEHAVIOR_SCHEMA,
     HFScorer,
+    behavior_rows,
     family_choice,
     render,
     vllm_next,
@@ -25,6 +26,8 @@ from orchestrator.tasks import (
     parse_answer,
     render_prompt,
 )
+from orchestrator.tasks.base import Program
+from orchestrator.tasks.errors import error_kind
 from tests.tiny import build_qwen_style_tokenizer, save_space_model, save_tiny_model
 
 
@@ -47,6 +50,29 @@ def test_logits_method_picks_the_best_candidate(lm) -> None:
         assert row["predicted"] == digits[int(logits[ids].argmax())]
         assert row["correct"] == (row["predicted"] == p.answer)
         assert (row["depth"], row["heuristic"], row["expected"]) == (p.depth, p.heuristic, p.answer)
+        assert row["error_kind"] == error_kind(p, row["predicted"])
+        assert (row["error_kind"] is None) == row["correct"]
+
+
+def test_rows_carry_the_kind_of_each_wrong_binding_answer() -> None:
+    """Lines 1 q=4 | 2 b=9 | 3 q=b | 4 b=7 | 5 q=1: q held 4 and 9 before it became 1; b ends
+    at 7. Other families' rows read null whatever the answer."""
+    text = "q=4\nb=9\nq=b\nb=7\nq=1\n#q:"
+    program = Program("binding", 5, 0, 0, text, "1", "q", depth=1, root_line=5, heuristic=False)
+    preds = ["1", "4", "9", "7", "5", None]
+    rows = behavior_rows("m", [program] * len(preds), preds, "hf", "logits").to_pylist()
+    assert [r["error_kind"] for r in rows] == [
+        None,
+        "stale_binding",
+        "stale_binding",  # also on line 2: stale comes first
+        "distractor_value",
+        "other",
+        "not_a_candidate",
+    ]
+    assert [r["correct"] for r in rows] == [True] + [False] * 5
+    other = list(iter_programs("boolean", 0, 4, 2))
+    rows = behavior_rows("m", other, [None, "nonsense"], "hf", "generate").to_pylist()
+    assert [r["error_kind"] for r in rows] == [None, None]
 
 
 def test_generation_when_first_tokens_collide(lm) -> None:
