@@ -15,14 +15,17 @@ For notebooks:
 
 from actors.arch import SITES, ArchMap, arch_map
 from actors.attribution import Attributor
+from actors.knockout import KNOCKOUT_SCHEMA, Knocker
 from actors.loading import LoadedModel, load_model
 from actors.patching import PATCHING_SCHEMA, Patcher
 
 __all__ = [
+    "KNOCKOUT_SCHEMA",
     "PATCHING_SCHEMA",
     "SITES",
     "ArchMap",
     "Attributor",
+    "Knocker",
     "LoadedModel",
     "Patcher",
     "arch_map",

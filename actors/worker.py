@@ -5,14 +5,15 @@ protocol of `orchestrator.protocol`: built from a `WorkerConfig`, `run(Shard)` r
 shard's programs from (seed, task, seq_len, indices) — programs never cross Ray — and returns a
 `ShardResult` of Arrow tables.
 
-Out of memory, the same for patching and attribution: with a whole-number `batch_size` the
-worker halves its batch (patches, or programs per forward and backward) and tries again, and at
-a batch of one raises `ShardOutOfMemory`, so the driver splits the shard. With `batch_size:
-auto` the patcher or attributor already sizes and shrinks its batches, and re-raises only when
-one does not fit: the worker then raises `ShardOutOfMemory` at once.
+Out of memory, the same for patching, attribution and knockout: with a whole-number
+`batch_size` the worker halves its batch (patches, programs per forward and backward, or
+knockouts) and tries again, and at a batch of one raises `ShardOutOfMemory`, so the driver
+splits the shard. With `batch_size: auto` the patcher, attributor or knocker already sizes and
+shrinks its batches, and re-raises only when one does not fit: the worker then raises
+`ShardOutOfMemory` at once.
 
 Tests inject faults through a subclass (`tests/integration/faults.py`), which overrides
-`run`, `_patch` or `_attribute`; nothing here reads a fault switch.
+`run`, `_patch`, `_attribute` or `_knock`; nothing here reads a fault switch.
 """
 
 import logging
@@ -28,6 +29,7 @@ import torch
 from actors.attribution import Attributor
 from actors.behavior import HFScorer, VLLMScorer, vllm_available
 from actors.execute import is_oom
+from actors.knockout import Knocker
 from actors.loading import LoadedModel, load_model
 from actors.patching import Patcher
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
@@ -67,13 +69,16 @@ class ModelWorker:
         self._lm: LoadedModel | None = None
         self._patcher: Patcher | None = None
         self._attributor: Attributor | None = None
+        self._knocker: Knocker | None = None
         self._scorer: Any = None
         behavior = config.behavior
         backend = behavior.backend if behavior is not None else "hf"
         self.backend = (
             "vllm" if backend == "vllm" or (backend == "auto" and vllm_available()) else "hf"
         )
-        intervenes = config.patching is not None or config.attribution is not None
+        intervenes = any(
+            getattr(config, kind) is not None for kind in ("patching", "attribution", "knockout")
+        )
         if intervenes or (behavior is not None and self.backend == "hf"):
             self._load()
 
@@ -107,11 +112,12 @@ class ModelWorker:
         """Run one shard.
 
         Returns:
-            Its rows, and for patching and attribution the programs left out, with why.
+            Its rows, and for the interventions the programs left out, with why.
 
         Raises:
-            ShardOutOfMemory: a patching shard that does not fit one patch per forward, or an
-                attribution shard that does not fit one program per forward and backward.
+            ShardOutOfMemory: a patching or knockout shard that does not fit one row per
+                forward, or an attribution shard that does not fit one program per forward and
+                backward.
         """
         start = time.perf_counter()
         programs = self.programs(shard)
@@ -120,8 +126,10 @@ class ModelWorker:
             table = self._behavior(programs, shard)
         elif shard.kind == "patching":
             table, skipped = self._patching(shard, programs)
-        else:
+        elif shard.kind == "attribution":
             table, skipped = self._attribution(shard, programs)
+        else:
+            table, skipped = self._knockout(shard, programs)
         return ShardResult(
             table=table,
             skipped=skipped,
@@ -206,6 +214,32 @@ class ModelWorker:
             shard,
         )
         return table, self._skipped(attributor.skipped)
+
+    def _knock(self, knocker: Knocker, programs: list[Program], shard: Shard) -> pa.Table:
+        """One attempt at the shard with the knocker's current batch size (tests override this
+        to run out of memory on purpose)."""
+        assert shard.layers is not None and shard.site is not None, shard
+        return knocker.knockout(
+            programs,
+            layers=list(shard.layers),
+            scope=shard.site,
+            answer_prefix=self._prefix(shard),
+        )
+
+    def _knockout(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
+        spec = self.config.knockout
+        assert spec is not None, "a knockout shard reached a worker without its settings"
+        if self._knocker is None:
+            self._knocker = Knocker(self._load(), batch_size=spec.batch_size)
+        knocker = self._knocker
+        table = self._fit(
+            knocker,
+            spec.batch_size,
+            lambda: self._knock(knocker, programs, shard),
+            f"shard {shard.file_stem}: out of memory at one knockout per forward",
+            shard,
+        )
+        return table, self._skipped(knocker.skipped)
 
     def _fit(
         self,

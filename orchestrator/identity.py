@@ -38,8 +38,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "verify_top_k",
         "programs_per_shard",
     ),
+    "knockout": ("layers_per_shard", "programs_per_shard"),
 }
-SETS = ("sites", "layers", "tasks")
+SETS = ("sites", "scopes", "layers", "tasks")
 
 
 def _experiment(kind: str, experiment: Any) -> dict[str, Any] | None:

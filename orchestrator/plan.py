@@ -1,8 +1,8 @@
 """The plan printed before a sweep: models, programs, shards by kind, the patching work as the
 engine will plan it (`actors.plan`): patch rows, the share that needs no forward, and the
-token-layers the passes compute; and the attribution work: the cells it estimates and the exact
-patches `verify_top_k` adds. Counted on a sample of programs tokenized by each model's own
-tokenizer, scaled to the task's `n`; configs and tokenizers only, no weights."""
+token-layers the passes compute; the attribution work: the cells it estimates and the exact
+patches `verify_top_k` adds; and the knockouts. Counted on a sample of programs tokenized by
+each model's own tokenizer, scaled to the task's `n`; configs and tokenizers only, no weights."""
 
 import dataclasses
 from collections.abc import Iterator
@@ -26,6 +26,7 @@ class Plan:
         attribution_cells: attribution's estimates (one row each).
         verify_patches: the exact patches `verify_top_k` adds (at most 2K per program and site:
             the top K by |estimate| and K others).
+        knockout_rows: attention knockouts, one row (and one forward row) each.
     """
 
     run: str
@@ -37,6 +38,7 @@ class Plan:
     token_layers: int
     attribution_cells: int = 0
     verify_patches: int = 0
+    knockout_rows: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,13 +104,27 @@ def _attribution_work(spec: Spec, tokenizer: Any, n: int, heads: int) -> tuple[i
     return cells, verify
 
 
+def _knockout_work(spec: Spec, tokenizer: Any, n: int, heads: int) -> int:
+    """Knockout rows of one model: per program, its labelled sources x layers x heads x scopes."""
+    from actors.knockout import sources
+
+    knockout = spec.experiments.knockout
+    layers = sum(len(b) for b in layer_groups("knockout", knockout, n))
+    rows = 0
+    for pairs, scale in _samples(spec, tokenizer, "knockout"):
+        per_scope = sum(len(sources(p)) for p in pairs) * layers * heads
+        rows += round(per_scope * len(knockout.scopes) * scale)
+    return rows
+
+
 def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
     """Count and estimate the work of a spec (tokenizers and configs only, no weights)."""
     programs = sum(len(t.seq_lens) * t.n for t in spec.tasks)
     work = {"patch_rows": 0, "free_rows": 0, "token_layers": 0}
-    work |= {"attribution_cells": 0, "verify_patches": 0}
+    work |= {"attribution_cells": 0, "verify_patches": 0, "knockout_rows": 0}
     patching, attribution = spec.experiments.patching, spec.experiments.attribution
-    if patching is not None or attribution is not None:
+    knockout = spec.experiments.knockout
+    if patching is not None or attribution is not None or knockout is not None:
         from transformers import AutoConfig, AutoTokenizer
 
         for model in spec.models:
@@ -124,6 +140,8 @@ def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
                 cells, verify = _attribution_work(spec, tokenizer, n, heads)
                 work["attribution_cells"] += cells
                 work["verify_patches"] += verify
+            if knockout is not None:
+                work["knockout_rows"] += _knockout_work(spec, tokenizer, n, heads)
     return Plan(
         run=spec.run,
         models=[m.id for m in spec.models],

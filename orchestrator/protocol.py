@@ -15,13 +15,21 @@ from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
-from orchestrator.spec import AttributionSpec, BehaviorSpec, ModelSpec, PatchingSpec, Spec
+from orchestrator.spec import (
+    AttributionSpec,
+    BehaviorSpec,
+    KnockoutSpec,
+    ModelSpec,
+    PatchingSpec,
+    Spec,
+)
 
 # An experiment kind: a spec section (`experiments.<kind>`), a shard kind and a results folder.
-Kind = Literal["behavior", "patching", "attribution"]
+Kind = Literal["behavior", "patching", "attribution", "knockout"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
-# The kinds that intervene at (site, layers): their shards carry both.
-INTERVENTIONS: tuple[Kind, ...] = ("patching", "attribution")
+# The kinds that intervene at (site, layers): their shards carry both (knockout's `site` is its
+# scope).
+INTERVENTIONS: tuple[Kind, ...] = ("patching", "attribution", "knockout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +37,12 @@ class Shard:
     """One unit of work for one model.
 
     Attributes:
-        kind: `behavior`, `patching` or `attribution`.
+        kind: `behavior`, `patching`, `attribution` or `knockout`.
         model: the model id as the spec gives it.
         task: family name.
         seq_len: program length.
         start / n: program indices `start .. start+n-1` of the (seed, task, seq_len) stream.
-        site: the site patched or attributed (patching and attribution only).
+        site: the site patched or attributed, or the knockout's scope (interventions only).
         layers: layer indices (patching: consecutive; attribution: every requested layer).
         id: content hash; the shard's file is `<id>.parquet`.
         part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
@@ -60,7 +68,7 @@ class Shard:
         text = f"{self.kind} {self.task} seq_len={self.seq_len} programs {self.start}-"
         text += str(self.start + self.n - 1)
         if self.site is not None:
-            text += f" site={self.site}"
+            text += f" {'scope' if self.kind == 'knockout' else 'site'}={self.site}"
         if self.layers:
             first, last = self.layers[0], self.layers[-1]
             if self.layers == tuple(range(first, last + 1)):
@@ -79,6 +87,7 @@ class WorkerConfig:
         behavior: the behaviour settings, or None when the sweep scores no behaviour.
         patching: the patching settings, or None when the sweep patches nothing.
         attribution: the attribution settings, or None when the sweep estimates nothing.
+        knockout: the knockout settings, or None when the sweep knocks nothing out.
         seed: the sweep seed (programs are regenerated from it).
         task_options: family -> generator options.
         answer_prefix: family -> the answer prefix on this model (a string or `auto`).
@@ -93,6 +102,7 @@ class WorkerConfig:
     task_options: Mapping[str, Mapping[str, Any]]
     answer_prefix: Mapping[str, str] = dataclasses.field(default_factory=dict)
     threads: int | None = None
+    knockout: KnockoutSpec | None = None
 
     @classmethod
     def of(cls, spec: Spec, model_id: str, threads: int | None = None) -> "WorkerConfig":
@@ -107,6 +117,7 @@ class WorkerConfig:
             behavior=spec.experiments.behavior,
             patching=spec.experiments.patching,
             attribution=spec.experiments.attribution,
+            knockout=spec.experiments.knockout,
             seed=spec.seed,
             task_options={t.family: dict(t.options) for t in spec.tasks},
             answer_prefix={t.family: spec.answer_prefix(model_id, t.family) for t in spec.tasks},

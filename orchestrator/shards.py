@@ -2,10 +2,11 @@
 
 A behaviour shard is (model, task, seq_len, a block of program indices); a patching shard adds
 one site and a block of consecutive layers; an attribution shard one site and every requested
-layer (one backward pass gives them all). A shard's id is a hash of everything that decides
-its rows — the model as given, the experiment's result-affecting settings, the task's family
-options, the seed, the program block, the site and layers — and of nothing else (not the batch
-size, not the output path), so the same spec yields the same ids on every run and machine.
+layer (one backward pass gives them all); a knockout shard one scope and a block of layers. A
+shard's id is a hash of everything that decides its rows — the model as given, the experiment's
+result-affecting settings, the task's family options, the seed, the program block, the site (or
+scope) and layers — and of nothing else (not the batch size, not the output path), so the same
+spec yields the same ids on every run and machine.
 
 Expansion is lazy (`iter_shards`) and its size is arithmetic (`count_shards`), so a sweep of any
 size costs the driver no memory for its plan.
@@ -38,7 +39,8 @@ def rel_dir(shard: Shard) -> str:
     model = escape_model(shard.model)
     if shard.kind == "behavior":
         return f"behavior/model={model}/task={shard.task}"
-    return f"{shard.kind}/model={model}/site={shard.site}"
+    place = "scope" if shard.kind == "knockout" else "site"
+    return f"{shard.kind}/model={model}/{place}={shard.site}"
 
 
 def escape_model(model: str) -> str:
@@ -53,6 +55,7 @@ ROW_SETTINGS: dict[str, tuple[str, ...]] = {
     "behavior": ("template", "max_new_tokens"),
     "patching": ("positions", "metric"),
     "attribution": ("positions", "attention_fix", "grad_drop", "verify_top_k"),
+    "knockout": (),
 }
 
 
@@ -91,8 +94,9 @@ def layer_blocks(n_layers: int, layers: list[int] | None, per_shard: int) -> lis
 
 def layer_groups(kind: str, experiment: Any, n_layers: int) -> list[tuple[int, ...]]:
     """The layers of each shard of an intervention kind, per (program block, site): patching's
-    consecutive blocks of `layers_per_shard`; attribution's wanted layers all in one shard, since
-    one backward pass gives every layer's gradient (out of memory still splits it, `split`)."""
+    (and knockout's) consecutive blocks of `layers_per_shard`; attribution's wanted layers all
+    in one shard, since one backward pass gives every layer's gradient (out of memory still
+    splits it, `split`)."""
     if kind == "attribution":
         wanted = range(n_layers) if experiment.layers is None else experiment.layers
         return [tuple(sorted(set(wanted)))]
@@ -120,7 +124,7 @@ def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) 
             places: list[dict[str, Any]] = [{}]
             if kind in INTERVENTIONS:
                 groups = layer_groups(kind, experiment, n_layers[m.id])
-                places = [{"site": s, "layers": g} for s in experiment.sites for g in groups]
+                places = [{"site": s, "layers": g} for s in experiment.places for g in groups]
             for task in spec.tasks_for(kind):
                 for seq_len in task.seq_lens:
                     for start, n in _blocks(task.n, experiment.programs_per_shard):
@@ -150,7 +154,9 @@ def count_shards(spec: Spec, n_layers: dict[str, int]) -> dict[str, int]:
         counts[kind] = 0
         for m in spec.models:
             if kind in INTERVENTIONS:
-                places = len(experiment.sites) * len(layer_groups(kind, experiment, n_layers[m.id]))
+                places = len(experiment.places) * len(
+                    layer_groups(kind, experiment, n_layers[m.id])
+                )
             counts[kind] += blocks * places
     return counts
 

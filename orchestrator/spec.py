@@ -11,6 +11,7 @@
       behavior: {backend: hf}
       patching: {sites: [resid_pre, attn_head], layers_per_shard: 2, positions: targets}
       attribution: {sites: [resid_pre, attn_head], verify_top_k: 4}
+      knockout: {scopes: [answer], layers_per_shard: 3}
 
 Every mapping forbids unknown keys, so a typo fails instead of being ignored; counts and sizes
 are range-checked. `load_spec` also checks what a field alone cannot: family options against the
@@ -121,16 +122,17 @@ class _Intervention(_Strict):
     @field_validator("sites")
     @classmethod
     def _sites_once(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(
-                f"sites {v} repeat a site (each would run twice); fix: list each site once"
-            )
-        return v
+        return _once(v, "site")
 
     @field_validator("batch_size", mode="before", check_fields=False)
     @classmethod
     def _batch_size(cls, v: Any) -> Any:
         return _whole_or_auto(v, cls._BATCH_UNIT)
+
+    @property
+    def places(self) -> list[str]:
+        """What each shard intervenes at besides its layers (`Shard.site`): a site."""
+        return list(self.sites)
 
 
 class PatchingSpec(_Intervention):
@@ -169,15 +171,48 @@ class AttributionSpec(_Intervention):
     verify_top_k: NonNegativeInt = 0
 
 
+class KnockoutSpec(_Strict):
+    """Attention knockout (actors/knockout.py): for every (layer, head) and labelled source
+    position (the root value, each hop of the chain, the query variable), the attention from the
+    answer position (`answer`) or from every position after the source (`later`) to the source
+    is blocked in that head alone, and the change of the logit difference measured."""
+
+    scopes: Annotated[list[Literal["answer", "later"]], Field(min_length=1)] = ["answer"]
+    layers: list[NonNegativeInt] | None = None
+    layers_per_shard: PositiveInt = 4
+    # Knockout rows per forward; `auto`: sized from the device's memory by the actor.
+    batch_size: PositiveInt | Auto = "auto"
+    programs_per_shard: PositiveInt = 20
+    tasks: list[str] | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes_once(cls, v: list[str]) -> list[str]:
+        return _once(v, "scope")
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        return _whole_or_auto(v, "knockout rows per forward pass")
+
+    @property
+    def places(self) -> list[str]:
+        """What each shard intervenes at besides its layers (`Shard.site`): a scope."""
+        return list(self.scopes)
+
+
 class Experiments(_Strict):
     behavior: BehaviorSpec | None = None
     patching: PatchingSpec | None = None
     attribution: AttributionSpec | None = None
+    knockout: KnockoutSpec | None = None
 
     @model_validator(mode="after")
     def _some(self) -> "Experiments":
         if all(getattr(self, name) is None for name in type(self).model_fields):
-            raise ValueError("no experiment: add behavior: {}, patching: {} and/or attribution: {}")
+            raise ValueError(
+                "no experiment: add behavior: {}, patching: {}, attribution: {} and/or knockout: {}"
+            )
         return self
 
 
@@ -207,6 +242,14 @@ class Resources(_Strict):
     @classmethod
     def _actors(cls, v: Any) -> Any:
         return _whole_or_auto(v, "actors per model")
+
+
+def _once(v: list[str], what: str) -> list[str]:
+    if len(set(v)) != len(v):
+        raise ValueError(
+            f"{what}s {v} repeat a {what} (each would run twice); fix: list each {what} once"
+        )
+    return v
 
 
 def _whole_or_auto(v: Any, what: str) -> Any:

@@ -114,6 +114,8 @@ def print_plan(plan: Plan, out_dir: Path) -> None:
         )
         if plan.verify_patches:
             print(f"  verified exactly: ~{plan.verify_patches:,} patches (verify_top_k)")
+    if plan.shards.get("knockout"):
+        print(f"  knockout rows: ~{plan.knockout_rows:,} (estimated from a sample of programs)")
 
 
 def folder_refusal(

@@ -1,6 +1,7 @@
-"""Attribution end to end on a local Ray cluster (2 CPUs) with a tiny model: the CLI plans and
-runs an attribution sweep with exact checks (`verify_top_k`), its Parquet files land under
-attribution/model=.../site=..., a rerun recomputes nothing, and `status` counts the kind."""
+"""Attribution and knockout end to end on a local Ray cluster (2 CPUs) with a tiny model: the
+CLI plans and runs a sweep of attribution with exact checks (`verify_top_k`) and attention
+knockout, its Parquet files land under attribution/model=.../site=... and
+knockout/model=.../scope=..., a rerun recomputes nothing, and `status` counts the kinds."""
 
 import collections
 import math
@@ -15,7 +16,7 @@ from orchestrator.spec import load_spec
 from orchestrator.tasks import iter_programs
 from tests.integration.conftest import read_rows, run_cli, run_json, run_status, write_spec
 
-pytestmark = pytest.mark.slow  # about 40 s here: two CLI runs and a status
+pytestmark = pytest.mark.slow  # about 45 s here: two CLI runs and a status
 
 K = 2
 HEADS = 4  # tests.tiny: 4 attention heads, 2 layers
@@ -25,25 +26,28 @@ ATTRIBUTION = {
     "batch_size": 2,
     "verify_top_k": K,
 }
+KNOCKOUT = {"programs_per_shard": 4, "layers_per_shard": 2}  # one shard: scope answer
 
 
-def test_attribution_sweep_writes_estimates_and_exact_checks_then_resumes(
+def test_attribution_and_knockout_sweep_writes_its_rows_then_resumes(
     tmp_path, ray_address, tiny_model
 ) -> None:
     spec_path = write_spec(
         tmp_path,
         tiny_model,
         tasks=[{"family": "binding", "seq_lens": [4], "n": 4, "options": {"style": "paper"}}],
-        experiments={"attribution": ATTRIBUTION},
+        experiments={"attribution": ATTRIBUTION, "knockout": KNOCKOUT},
     )
     out = run_cli(spec_path, "--address", ray_address)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "attribution shards: 4" in out.stdout  # 2 blocks of programs x 2 sites
+    assert "knockout shards: 1" in out.stdout and "knockout rows: ~" in out.stdout
     assert "attribution cells: ~" in out.stdout and "verified exactly: ~" in out.stdout
 
     results = tmp_path / "results" / "it"
     spec = load_spec(spec_path)
-    shards = list(iter_shards(spec, {tiny_model: 2}))
+    every = list(iter_shards(spec, {tiny_model: 2}))
+    shards = [s for s in every if s.kind == "attribution"]
     assert {s.layers for s in shards} == {(0, 1)}, "one shard holds every layer"
     model_dir = results / "attribution" / f"model={escape_model(tiny_model)}"
     files = sorted(model_dir.glob("site=*/*.parquet"))
@@ -69,9 +73,19 @@ def test_attribution_sweep_writes_estimates_and_exact_checks_then_resumes(
             assert all(math.isfinite(r["exact"]) for r in exact)
             assert all(r["verify"] is None for r in mine if r["exact"] is None)
 
+    (knock,) = [s for s in every if s.kind == "knockout"]
+    knock_dir = results / "knockout" / f"model={escape_model(tiny_model)}" / "scope=answer"
+    assert [f.stem for f in knock_dir.glob("*.parquet")] == [knock.id]
+    knocked = read_rows(results, "knockout")
+    assert {r["program"] for r in knocked} == {0, 1, 2, 3}
+    assert {(r["layer"], r["head"]) for r in knocked} == {(x, h) for x in (0, 1) for h in range(4)}
+    assert all(math.isfinite(r["effect"]) for r in knocked)
+    files += [knock_dir / f"{knock.id}.parquet"]
+
     info = run_json(results)
-    assert info["status"] == "complete" and info["shards"]["finished"] == 4
-    assert info["plan"]["shards"] == {"attribution": 4}
+    assert info["status"] == "complete" and info["shards"]["finished"] == 5
+    assert info["plan"]["shards"] == {"attribution": 4, "knockout": 1}
+    assert info["plan"]["knockout_rows"] == len(knocked)
     assert info["plan"]["verify_patches"] == 4 * 2 * 2 * K, "programs x sites x 2K"
     assert info["plan"]["attribution_cells"] > 0
     assert info["identity"]["attribution"]["verify_top_k"] == K
@@ -79,10 +93,11 @@ def test_attribution_sweep_writes_estimates_and_exact_checks_then_resumes(
     status = run_status(results)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "attribution       4       0        0" in status.stdout
-    assert "complete: 4 of 4 shards done" in status.stdout
+    assert "knockout          1       0        0" in status.stdout
+    assert "complete: 5 of 5 shards done" in status.stdout
 
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     again = run_cli(spec_path, "--address", ray_address)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "0 shards run, 4 already done" in again.stdout
+    assert "0 shards run, 5 already done" in again.stdout
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes, "no shard recomputed"

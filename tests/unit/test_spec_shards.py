@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -238,7 +239,7 @@ def test_attribution_block_defaults_and_alone() -> None:
     assert alone.experiments.behavior is None and alone.experiments.patching is None
     assert alone.experiments.attribution.batch_size == 2
     assert [t.family for t in alone.tasks_for("attribution")] == ["binding", "range"]
-    with pytest.raises(SpecError, match=r"no experiment: add behavior: \{\}, patching: \{\} and"):
+    with pytest.raises(SpecError, match=r"no experiment: add behavior: \{\}, patching: \{\}, "):
         spec_with(experiments={})
 
 
@@ -384,3 +385,59 @@ def test_an_attribution_shard_splits_by_layers_then_programs() -> None:
     c, d = split(a)
     assert (c.layers, c.start, c.n, d.start, d.n) == ((0,), 0, 2, 2, 2)
     assert {c.id, d.id} == {shard.id}, "parts keep the shard's id"
+
+
+KNOCKOUT = {"scopes": ["answer", "later"], "layers_per_shard": 3, "programs_per_shard": 4}
+
+
+def knockout_spec(**changes):
+    return spec_with(experiments__knockout={**KNOCKOUT, **changes})
+
+
+def test_knockout_shards_are_scope_and_layer_blocks() -> None:
+    spec = knockout_spec(tasks=["binding"])
+    shards = [s for s in iter_shards(spec, N_LAYERS) if s.kind == "knockout"]
+    # model-a: 7 layers in blocks of 3 (3 blocks), local-b: 2 layers (1 block); binding: 2
+    # lengths x 3 blocks of programs; 2 scopes.
+    assert len(shards) == (3 + 1) * 2 * 3 * 2
+    counts = count_shards(spec, N_LAYERS)
+    assert counts["knockout"] == len(shards)
+    assert len(list(iter_shards(spec, N_LAYERS))) == sum(counts.values())
+    assert {s.layers for s in shards if s.model == "org/model-a"} == {(0, 1, 2), (3, 4, 5), (6,)}
+    assert {s.site for s in shards} == {"answer", "later"}
+    first = shards[0]
+    assert ResultsDir(Path("/r/run")).shard_path(first) == Path(
+        f"/r/run/knockout/model=org--model-a/scope=answer/{first.id}.parquet"
+    )
+    assert first.describe().endswith("scope=answer layers 0-2")
+    other = {s.id for s in iter_shards(spec, N_LAYERS) if s.kind != "knockout"}
+    assert not other & {s.id for s in shards}
+    ids = [s.id for s in shards]
+    assert ids == [
+        s.id
+        for s in iter_shards(knockout_spec(tasks=["binding"], batch_size=2), N_LAYERS)
+        if s.kind == "knockout"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"scopes": ["answer", "answer"]}, "scopes ['answer', 'answer'] repeat a scope"),
+        ({"scopes": ["everywhere"]}, "experiments.knockout.scopes.0 = 'everywhere'"),
+        ({"scopes": []}, "experiments.knockout.scopes"),
+        ({"batch_size": 0}, "knockout rows per forward pass must be a whole number"),
+        ({"layers_per_shard": 0}, "experiments.knockout.layers_per_shard = 0"),
+        ({"sites": ["resid_pre"]}, "experiments.knockout.sites"),
+    ],
+)
+def test_bad_knockout_blocks_name_field_value_and_fix(changes, message) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec({**BASE, "experiments": {"knockout": {**KNOCKOUT, **changes}}})
+
+
+def test_knockout_alone_is_an_experiment() -> None:
+    spec = parse_spec({**BASE, "experiments": {"knockout": {}}})
+    assert spec.experiments.knockout.scopes == ["answer"]
+    assert spec.experiments.knockout.places == ["answer"]
+    assert set(count_shards(spec, N_LAYERS)) == {"knockout"}

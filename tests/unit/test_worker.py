@@ -41,6 +41,7 @@ def spec_and_shards(tmp_path_factory):
                     "batch_size": 8,
                     "verify_top_k": 2,
                 },
+                "knockout": {"scopes": ["answer", "later"], "batch_size": 16},
             },
         }
     )
@@ -203,3 +204,52 @@ def test_the_plan_counts_the_attribution_work(spec_and_shards) -> None:
     assert plan.attribution_cells == len(rows) > 0
     verified = sum(r["verify"] is not None for r in rows)
     assert plan.verify_patches == verified == 2 * SAMPLE * 2 * 2, "sites x programs x 2K"
+
+
+class KnockoutOom(ModelWorker):
+    """Every knockout attempt with more than `above` rows per forward (or `auto`) runs out of
+    memory; the batch sizes tried are kept."""
+
+    def __init__(self, config: WorkerConfig, above: int) -> None:
+        super().__init__(config)
+        self.above = above
+        self.tried: list = []
+
+    def _knock(self, knocker, programs, shard):
+        self.tried.append(knocker.batch_size)
+        if knocker.batch_size == "auto" or knocker.batch_size > self.above:
+            raise torch.OutOfMemoryError(f"injected: batch {knocker.batch_size}")
+        return super()._knock(knocker, programs, shard)
+
+
+@pytest.mark.parametrize("scope", ["answer", "later"])
+def test_worker_runs_a_knockout_shard(spec_and_shards, scope) -> None:
+    from actors.knockout import KNOCKOUT_SCHEMA
+
+    spec, shards = spec_and_shards
+    model = spec.models[0].id
+    config = WorkerConfig.of(spec, model, threads=1)
+    shard = _shard(shards, "knockout", scope)
+    assert shard.layers == (0, 1)
+    result = ModelWorker(config).run(shard)
+    assert result.table.schema == KNOCKOUT_SCHEMA and result.skipped.num_rows == 0
+    rows = result.table.to_pylist()
+    assert {(r["model"], r["scope"], r["seq_len"]) for r in rows} == {(model, scope, 4)}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for program in ModelWorker(config).programs(shard):
+        mine = [r for r in rows if r["program"] == program.index]
+        pair = encode_program(tokenizer, program, mine[0]["answer_prefix"])
+        sources = {
+            (pos, label)
+            for pos, label in enumerate(pair.labels)
+            if label.startswith("ref_depth_") or label == "query_var"
+        }
+        assert {(r["source_pos"], r["source"]) for r in mine} == sources
+        assert len(mine) == len(sources) * 2 * 4, "sources x layers x heads"
+        assert all(math.isfinite(r["effect"]) for r in mine)
+    # Out of memory: 16 -> 8 -> 4 fits, the same rows; at one row per forward, a split.
+    halving = KnockoutOom(config, above=4)
+    _close(halving.run(shard).table, result.table)
+    assert halving.tried == [16, 8, 4]
+    with pytest.raises(ShardOutOfMemory, match="out of memory at one knockout per forward"):
+        KnockoutOom(config, above=0).run(shard)
