@@ -46,7 +46,7 @@ from torch import Tensor
 
 from actors.arch import SITES, ArchMap
 from actors.attribution_table import ATTRIBUTION_SCHEMA, block, chosen_cells, fill_exact, table
-from actors.budget import Footprint, auto_budget, check_batch_size
+from actors.budget import BatchSized, Footprint, auto_budget
 from actors.engine import hidden_of, installed, output_of
 from actors.execute import is_oom
 from actors.loading import LoadedModel
@@ -129,7 +129,7 @@ def _drop_hooks(arch: ArchMap, dropping: list[int | None]) -> list[tuple]:
     return [(module, "post", at(x)) for module, x in modules]
 
 
-class Attributor:
+class Attributor(BatchSized):
     """Attribution estimates (and their exact checks) on one loaded model. Plain class, like
     `Patcher`, which it uses to encode programs and to patch the cells it verifies.
 
@@ -163,15 +163,8 @@ class Attributor:
         self.patcher = Patcher(lm, batch_size=batch_size, budget_bytes=budget_bytes)
         self.skipped: list[tuple[Any, str]] = []
 
-    @property
-    def batch_size(self) -> int | Literal["auto"]:
-        return self._batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int | Literal["auto"]) -> None:
-        check_batch_size(value)
-        self._batch_size = value
-        if hasattr(self, "patcher"):
+    def _batch_size_set(self, value: int | Literal["auto"]) -> None:
+        if hasattr(self, "patcher"):  # the exact checks patch in batches of the same size
             self.patcher.batch_size = value
 
     def _programs_per_batch(self, n_tokens: int) -> int:

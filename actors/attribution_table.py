@@ -9,26 +9,16 @@ import random
 import numpy as np
 import pyarrow as pa
 
+from actors.patching import PATCHING_SCHEMA
 from actors.rows import MIN_DENOMINATOR, program_columns
 from actors.targets import EncodedPair
 
 Cell = tuple[str, int, int, int | None]  # site, layer, pos, head
 
+# A cell's and its program's columns as in patching rows (model .. answer_prefix), then its own.
 ATTRIBUTION_SCHEMA = pa.schema(
     [
-        ("model", pa.string()),
-        ("task", pa.string()),
-        ("seq_len", pa.int32()),
-        ("program", pa.int64()),
-        ("site", pa.string()),
-        ("layer", pa.int32()),
-        ("head", pa.int32()),
-        ("pos", pa.int32()),
-        ("token", pa.string()),
-        ("label", pa.string()),
-        ("clean_answer", pa.string()),
-        ("cf_answer", pa.string()),
-        ("answer_prefix", pa.string()),
+        *(PATCHING_SCHEMA.field(name) for name in PATCHING_SCHEMA.names[:13]),
         ("top1_correct", pa.bool_()),
         ("cf_top1_correct", pa.bool_()),
         ("clean_logit_diff", pa.float32()),
@@ -43,6 +33,7 @@ ATTRIBUTION_SCHEMA = pa.schema(
         ("exact_flipped", pa.bool_()),
     ]
 )
+assert ATTRIBUTION_SCHEMA.names[12] == "answer_prefix", "the shared columns end there"
 
 
 @dataclasses.dataclass

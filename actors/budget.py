@@ -21,7 +21,7 @@ split in two and retried, down to one row, and the budget is halved for the pass
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -99,6 +99,26 @@ def check_batch_size(value: object) -> None:
     """
     if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"batch_size={value!r} must be an integer >= 1 or 'auto'")
+
+
+class BatchSized:
+    """A `batch_size` attribute checked on every assignment (`check_batch_size`); a subclass
+    that hands it on to a tool of its own overrides `_batch_size_set`."""
+
+    _batch_size: int | Literal["auto"]
+
+    @property
+    def batch_size(self) -> int | Literal["auto"]:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int | Literal["auto"]) -> None:
+        check_batch_size(value)
+        self._batch_size = value
+        self._batch_size_set(value)
+
+    def _batch_size_set(self, value: int | Literal["auto"]) -> None:
+        """Called after each assignment (default: nothing)."""
 
 
 def row_limit(footprint: Footprint, budget_bytes: int | None, max_rows: int | None) -> RowLimit:

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from actors.budget import Footprint, auto_budget, check_batch_size
+from actors.budget import BatchSized, Footprint, auto_budget
 from actors.engine import hidden_of, installed
 from actors.execute import is_oom
 from actors.loading import LoadedModel
@@ -148,7 +148,7 @@ def _attention_of(layer: torch.nn.Module, attn_out: torch.nn.Module) -> torch.nn
     raise AssertionError(f"no module of {type(layer).__name__} holds its attention output")
 
 
-class Knocker:
+class Knocker(BatchSized):
     """Attention knockouts on one loaded model. Plain class, like `Patcher`, which it uses to
     encode programs.
 
@@ -184,15 +184,6 @@ class Knocker:
         ]
         self.patcher = Patcher(lm, batch_size=1)
         self.skipped: list[tuple[Any, str]] = []
-
-    @property
-    def batch_size(self) -> int | Literal["auto"]:
-        return self._batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int | Literal["auto"]) -> None:
-        check_batch_size(value)
-        self._batch_size = value
 
     def _check_implementation(self) -> None:
         implementation = self.lm.model.config._attn_implementation

@@ -34,7 +34,13 @@ import torch
 from actors.allocator import keep_freed_memory
 from actors.answers import AUTO, choice, resolve_prefixes
 from actors.arch import SITES, ArchMap
-from actors.budget import STACK_FRACTION, Footprint, auto_budget, check_batch_size, row_limit
+from actors.budget import (
+    STACK_FRACTION,
+    BatchSized,
+    Footprint,
+    auto_budget,
+    row_limit,
+)
 from actors.engine import Engine, Stack
 from actors.execute import run_plan
 from actors.forcing import Unit, tokens, units
@@ -83,7 +89,7 @@ PATCHING_SCHEMA = pa.schema(
 )
 
 
-class Patcher:
+class Patcher(BatchSized):
     """Patches programs on one loaded model. Plain class: the orchestrator's actor wraps it.
 
     Args:
@@ -130,15 +136,6 @@ class Patcher:
         self.skipped: list[tuple[Any, str]] = []
         self.last_plan: Plan | None = None
         self._checked = False
-
-    @property
-    def batch_size(self) -> int | Literal["auto"]:
-        return self._batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int | Literal["auto"]) -> None:
-        check_batch_size(value)
-        self._batch_size = value
 
     def _budget(self) -> int | None:
         if self.batch_size != "auto":

@@ -7,35 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from actors.knockout import KNOCKOUT_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import CHARTS, main, summary
 from tests.unit.test_analysis import PROGRAMS, behavior_table, programs_table
 
-# The knockout writer's columns, as the engine's brief gives them.
-SCHEMA = pa.schema(
-    [
-        ("model", pa.string()),
-        ("task", pa.string()),
-        ("seq_len", pa.int32()),
-        ("program", pa.int64()),
-        ("layer", pa.int32()),
-        ("head", pa.int32()),
-        ("source", pa.string()),
-        ("source_pos", pa.int32()),
-        ("scope", pa.string()),
-        ("token", pa.string()),
-        ("clean_answer", pa.string()),
-        ("cf_answer", pa.string()),
-        ("answer_prefix", pa.string()),
-        ("top1_correct", pa.bool_()),
-        ("clean_logit_diff", pa.float32()),
-        ("cf_logit_diff", pa.float32()),
-        ("knocked_logit_diff", pa.float32()),
-        ("effect", pa.float32()),
-        ("norm_effect", pa.float32()),
-        ("top1_changed", pa.bool_()),
-    ]
-)
+SCHEMA = KNOCKOUT_SCHEMA  # the writer's own, so that the two cannot drift apart
 SOURCES = ("ref_depth_1_rhs", "ref_depth_2_rhs", "query_var")
 # norm_effect of the root edge at the answer, by (layer, head), for org/a (org/b: negated); the
 # other sources and scope `later` read half of it. Kept programs add 0.01 * program; the
@@ -209,12 +186,3 @@ def test_a_run_without_a_knockout_folder_still_works(tmp_path, capsys) -> None:
     assert "knockout of the root edge" not in capsys.readouterr().out
     written = {p.stem for p in (tmp_path / "c").glob("*.png")}
     assert "accuracy_by_depth" in written and "routing_map" not in written
-
-
-def test_the_empty_view_has_the_engines_columns() -> None:
-    """Once the engine lands, its schema and the view's columns must agree."""
-    knockout = pytest.importorskip("actors.knockout", reason="the knockout engine is not here yet")
-    from analysis.db import EMPTY
-
-    names = [part.split()[0] for part in EMPTY["knockout"].split(", ")]
-    assert names == knockout.KNOCKOUT_SCHEMA.names
