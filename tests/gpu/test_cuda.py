@@ -73,3 +73,23 @@ def test_attribution_on_cuda(tmp_path, quantization) -> None:
     else:
         assert float(torch.corrcoef(torch.stack([estimate, reference]))[0, 1]) > 0.8
     assert got.column("exact").null_count == got.num_rows - 2 * 3 * 2 * len(programs)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_knockout_on_cuda_equals_the_cpu(tmp_path, implementation) -> None:
+    """SDPA's and eager's CUDA kernels take the knockout's float mask with -inf entries: the
+    effects equal the CPU's."""
+    from actors import load_model
+    from actors.knockout import Knocker
+    from orchestrator.tasks import iter_programs
+    from tests.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", "qwen3", n_layers=4)
+    programs = list(iter_programs("binding", 2, 6, 3))
+    values = {}
+    for device in ("cpu", "cuda"):
+        lm = load_model(str(folder), dtype="float32", device=device)
+        lm.model.set_attn_implementation(implementation)
+        table = Knocker(lm).knockout(programs, scope="later")
+        values[device] = torch.tensor(table.column("knocked_logit_diff").to_pylist())
+    torch.testing.assert_close(values["cuda"], values["cpu"], atol=1e-3, rtol=1e-3)
