@@ -48,7 +48,7 @@ from actors.arch import SITES, ArchMap
 from actors.attribution_table import ATTRIBUTION_SCHEMA, block, chosen_cells, fill_exact, table
 from actors.budget import BatchSized, Footprint, auto_budget
 from actors.engine import hidden_of, installed, output_of
-from actors.execute import is_oom
+from actors.execute import in_parts
 from actors.loading import LoadedModel
 from actors.patching import PATCHING_SCHEMA, Patcher
 from actors.quantized import gradients_through_4bit
@@ -157,7 +157,7 @@ class Attributor(BatchSized):
         self.attention_fix = attention_fix
         self.grad_drop = grad_drop
         self.budget_bytes = budget_bytes
-        self.qk = QKFix(lm.model, lm.arch) if attention_fix else None
+        self.qk = QKFix(lm.arch) if attention_fix else None
         dtype = next(lm.model.parameters()).dtype
         self.footprint = Footprint.of(lm.arch, lm.model.config, dtype.itemsize)
         self.patcher = Patcher(lm, batch_size=batch_size, budget_bytes=budget_bytes)
@@ -207,20 +207,14 @@ class Attributor(BatchSized):
         for g, pair in enumerate(pairs):
             by_length.setdefault(len(pair.clean_ids), []).append(g)
         for n_tokens, members in by_length.items():
-            size = self._programs_per_batch(n_tokens)
-            start = 0
-            while start < len(members):
-                part = members[start : start + size]
-                try:
-                    yield self._batch([pairs[g] for g in part], part, cells)
-                except Exception as err:
-                    if not (is_oom(err) and self.batch_size == "auto" and size > 1):
-                        raise
-                    size = max(1, size // 2)
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
-                start += len(part)
+            batches = in_parts(
+                members,
+                self._programs_per_batch(n_tokens),
+                lambda part: self._batch([pairs[g] for g in part], part, cells),
+                shrink=self.batch_size == "auto",
+            )
+            for _, est in batches:
+                yield est
 
     def _qk_capture(self, cells: list[tuple[str, int]], grad: bool):
         if self.qk is None:

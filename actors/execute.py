@@ -3,7 +3,8 @@ programs' clean runs, then every pass in order, each pass's readout put in its p
 a pass that runs out of memory can be split in two and both halves run."""
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -19,6 +20,38 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate" in text)
     )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def in_parts(
+    items: Sequence[T],
+    size: int,
+    run: Callable[[list[T]], R],
+    shrink: bool,
+    on_oom: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[list[T], R]]:
+    """`(part, run(part))` over consecutive parts of at most `size` items. Where `shrink`, a
+    part that runs out of memory is retried at half the size (down to one item, which
+    re-raises), and the parts after it keep the smaller size; `on_oom` runs at each halving.
+    (Halving the part that ran, not `size`: a budget's size can be far above the items left.)"""
+    start = 0
+    while start < len(items):
+        part = list(items[start : start + size])
+        try:
+            out = run(part)
+        except Exception as err:
+            if not (shrink and size > 1 and is_oom(err)):
+                raise
+            size = max(1, len(part) // 2)  # of what ran: `size` may exceed the items left
+            on_oom()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        yield part, out
+        start += len(part)
 
 
 def run_plan(

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from actors.budget import BatchSized, Footprint, auto_budget
 from actors.engine import hidden_of, installed
-from actors.execute import is_oom
+from actors.execute import in_parts
 from actors.loading import LoadedModel
 from actors.patching import Patcher
 from actors.rows import MIN_DENOMINATOR, program_columns
@@ -278,29 +278,25 @@ class Knocker(BatchSized):
         by_length: dict[int, list[int]] = {}
         for i, g in enumerate(which):
             by_length.setdefault(len(pairs[g].clean_ids), []).append(i)
+
+        def forward(part: list[int]) -> tuple[list[float], list[int]]:
+            mine = [pairs[which[i]] for i in part]
+            return self._forward(
+                [p.cf_ids if cf else p.clean_ids for p in mine],
+                [(p.clean_answer_id, p.cf_answer_id) for p in mine],
+                [cuts[i] for i in part],
+                scope,
+            )
+
+        def halve_budget() -> None:  # for the lengths that follow
+            self.budget_bytes = max(1, self.budget_bytes // 2)
+
         for n_tokens, members in by_length.items():
-            size, start = self._rows_per_forward(n_tokens), 0
-            while start < len(members):
-                part = members[start : start + size]
-                mine = [pairs[which[i]] for i in part]
-                try:
-                    diff, top = self._forward(
-                        [p.cf_ids if cf else p.clean_ids for p in mine],
-                        [(p.clean_answer_id, p.cf_answer_id) for p in mine],
-                        [cuts[i] for i in part],
-                        scope,
-                    )
-                except Exception as err:
-                    if not (is_oom(err) and self.batch_size == "auto" and size > 1):
-                        raise
-                    size = max(1, size // 2)
-                    self.budget_bytes = max(1, self.budget_bytes // 2)  # for the next lengths
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                    continue
+            size = self._rows_per_forward(n_tokens)
+            auto = self.batch_size == "auto"
+            for part, (diff, top) in in_parts(members, size, forward, auto, halve_budget):
                 for i, d, t in zip(part, diff, top, strict=True):
                     diffs[i], tops[i] = d, t
-                start += len(part)
         return diffs, tops
 
     def knockout(

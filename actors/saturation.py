@@ -116,7 +116,7 @@ class QKFix:
     `capture` around the counterfactual forward (grad=False), `taken`, `capture` around the
     clean forward (grad=True), then `inputs` join the gradient call and `correct` uses them."""
 
-    def __init__(self, model: nn.Module, arch: ArchMap) -> None:
+    def __init__(self, arch: ArchMap) -> None:
         self.arch = arch
         self.layout = layout(arch)
         self._store: dict = {}

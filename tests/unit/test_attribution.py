@@ -272,3 +272,35 @@ def test_each_row_holds_its_cells_estimate(tmp_path) -> None:
         assert r["grad_drop"] == pytest.approx(float(drop[at]), abs=1e-6)
         assert r["label"] == pairs[g].labels[r["pos"]] and r["token"] == pairs[g].tokens[r["pos"]]
         assert r["verify"] is None and r["exact"] is None
+
+
+def test_auto_halves_a_batch_that_runs_out_of_memory(tmp_path) -> None:
+    """Under `auto` a batch that runs out of memory is retried at half the programs, down to
+    one; with a whole-number batch size the error is the caller's (the worker halves it)."""
+    lm = load_model(str(save_tiny_model(tmp_path / "m", "llama", n_layers=2)))
+    pairs = [encode_program(lm.tokenizer, p) for p in programs()]
+
+    class Tight(Attributor):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.tried: list[int] = []
+
+        def _batch(self, pairs, programs, cells):
+            self.tried.append(len(programs))
+            if len(programs) > 1:
+                raise torch.OutOfMemoryError("injected")
+            return super()._batch(pairs, programs, cells)
+
+    tight = Tight(lm, batch_size="auto", budget_bytes=1 << 40)
+    got = {g: b.cells for b in tight.estimate(pairs, SITES) for g in b.programs}
+    # Lengths 3 and 2 programs: 3 -> 1 (then 1, 1) and 2 -> 1 (then 1).
+    assert tight.tried == [3, 1, 1, 1, 2, 1, 1]
+    want = {
+        g: b.cells for b in Attributor(lm, batch_size=1).estimate(pairs, SITES) for g in b.programs
+    }
+    assert sorted(got) == sorted(want) == list(range(len(pairs)))
+    for g, cells in got.items():
+        for cell, values in cells.items():
+            torch.testing.assert_close(values, want[g][cell], rtol=1e-4, atol=1e-5)
+    with pytest.raises(torch.OutOfMemoryError):
+        list(Tight(lm, batch_size=4).estimate(pairs, SITES))
