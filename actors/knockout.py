@@ -234,7 +234,9 @@ class Knocker(BatchSized):
                 if "attention_mask" not in kwargs:
                     raise RuntimeError(
                         f"{self.lm.name}: layer {layer}'s {type(module).__name__} is called "
-                        "without an attention_mask keyword; the knockout cannot cut its edges"
+                        "without an attention_mask keyword, so the knockout cannot cut its "
+                        "edges; fix: leave knockout out of the spec for this model, or give its "
+                        "family a probe in actors/knockout.py"
                     )
                 mask = knock_mask(
                     kwargs["attention_mask"],
