@@ -31,6 +31,7 @@ ATTRIBUTION_SCHEMA = pa.schema(
         ("exact", pa.float32()),
         ("norm_exact", pa.float32()),
         ("exact_flipped", pa.bool_()),
+        ("counterfactual", pa.string()),  # root_value: the estimates' counterfactual
     ]
 )
 assert ATTRIBUTION_SCHEMA.names[12] == "answer_prefix", "the shared columns end there"

@@ -78,6 +78,7 @@ KNOCKOUT_SCHEMA = pa.schema(
         ("effect", pa.float32()),
         ("norm_effect", pa.float32()),
         ("top1_changed", pa.bool_()),
+        ("counterfactual", pa.string()),  # root_value: the scale of norm_effect
     ]
 )
 

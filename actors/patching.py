@@ -47,9 +47,10 @@ from actors.forcing import Unit, tokens, units
 from actors.loading import LoadedModel
 from actors.plan import Plan, Reads, build_plan
 from actors.readout import VOCAB_CHUNK, Read, Readout
-from actors.rows import Wave, append_rows
+from actors.rows import Wave, append_rows, run_scores
 from actors.targets import EncodedPair, Skip, encode_program
-from orchestrator.tasks import get_family
+from orchestrator.tasks import Program, get_family
+from orchestrator.tasks.counterfactuals import KINDS, NONE_BECAUSE, ROOT_VALUE, SAME_ANSWER, variant
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,13 @@ PATCHING_SCHEMA = pa.schema(
         ("patched_logit_diff", pa.float32()),
         ("norm_effect", pa.float32()),
         ("flipped", pa.bool_()),
+        ("counterfactual", pa.string()),
+        ("contrast_answer", pa.string()),
+        ("contrast_logit_diff", pa.float32()),
     ]
 )
+# No activations kept: the runs that only measure a logit difference.
+NO_READS = Reads((), (), (), ())
 
 
 class Patcher(BatchSized):
@@ -149,11 +155,21 @@ class Patcher(BatchSized):
         return row_limit(self.footprint, self._budget(), max_rows)
 
     # -- plan -------------------------------------------------------------------------------
-    def encode(self, programs: Sequence[Any], answer_prefix: str) -> list[tuple[dict, EncodedPair]]:
+    def encode(
+        self, programs: Sequence[Any], answer_prefix: str, counterfactual: str = ROOT_VALUE
+    ) -> list[tuple[dict, EncodedPair]]:
         """Tokenized pairs of the programs that can be patched (the others go to
         `self.skipped`, with the reason), under the answer prefix (`auto`: one greedy forward
-        per program)."""
-        progs = [p if isinstance(p, dict) else p.to_dict() for p in programs]
+        per program), each with its `counterfactual` kind (`orchestrator.tasks.counterfactuals`).
+
+        A program's dict also carries `counterfactual`, `contrast_answer` and, for the kinds
+        whose answer is the clean one (`SAME_ANSWER`), `contrast_logit_diff`: the logit
+        difference of the root-value counterfactual's run, measured here (one clean and one
+        counterfactual forward per program, no activations kept), which scales `norm_effect`.
+        """
+        if counterfactual not in KINDS:
+            raise ValueError(f"counterfactual={counterfactual!r}; use one of {list(KINDS)}")
+        progs = self._variants(programs, counterfactual)
         prefixes = [answer_prefix] * len(progs)
         if answer_prefix == AUTO:  # one greedy forward per program, a family at a time
             for task in sorted({p["task"] for p in progs}):
@@ -167,14 +183,63 @@ class Patcher(BatchSized):
                 )
                 for i, prefix in zip(index, found, strict=True):
                     prefixes[i] = prefix
-        pairs = []
+        pairs, roots = [], []
         for prog, prefix in zip(progs, prefixes, strict=True):
-            pair = encode_program(self.lm.tokenizer, prog, prefix)
+            pair = encode_program(self.lm.tokenizer, prog, prefix, prog["contrast_answer"])
+            if isinstance(pair, EncodedPair) and pair.same_answer:
+                # The control's scale: its root-value counterfactual, asked the same way.
+                root = {**prog, "cf_text": prog["root_cf_text"]}
+                root["cf_answer"] = prog["contrast_answer"]
+                scale = encode_program(self.lm.tokenizer, root, prefix)
+                if isinstance(scale, Skip):
+                    pair = Skip(f"its root-value counterfactual, the scale: {scale.reason}")
+                else:
+                    roots.append(scale)
             if isinstance(pair, Skip):
                 self.skipped.append((prog, pair.reason))
             else:
                 pairs.append((prog, pair))
+        if roots:
+            assert len(roots) == len(pairs), "one kind per call: every pair is a control"
+            for (prog, _), diff in zip(pairs, self._logit_diffs(roots), strict=True):
+                prog["contrast_logit_diff"] = diff
         return pairs
+
+    def _variants(self, programs: Sequence[Any], kind: str) -> list[dict]:
+        """The programs as dicts with the counterfactual of `kind` (those without one go to
+        `self.skipped`)."""
+        out = []
+        for p in programs:
+            prog = p if isinstance(p, dict) else p.to_dict()
+            if kind == ROOT_VALUE:
+                out.append({**prog, "counterfactual": kind, "contrast_answer": prog["cf_answer"]})
+                continue
+            made = variant(p if isinstance(p, Program) else Program.from_dict(p), kind)
+            if made is None:
+                self.skipped.append((prog, f"no {kind} counterfactual: {NONE_BECAUSE[kind]}"))
+                continue
+            contrast = prog["cf_answer"] if kind in SAME_ANSWER else made.cf_answer
+            out.append(
+                {
+                    **made.to_dict(),
+                    "counterfactual": kind,
+                    "contrast_answer": contrast,
+                    "root_cf_text": prog["cf_text"],
+                }
+            )
+        return out
+
+    def _logit_diffs(self, pairs: Sequence[EncodedPair]) -> list[float]:
+        """Each pair's counterfactual run's logit difference, from the clean and
+        counterfactual forwards alone, as many programs at once as a wave keeps."""
+        out: list[float] = []
+        step = self._stack_wave([({}, pair) for pair in pairs], NO_READS)
+        for start in range(0, len(pairs), step):
+            part = list(pairs[start : start + step])
+            programs = units(part, self.metric)
+            stacks, _ = self._stacks(programs, NO_READS, part)
+            out += [cf - clean for clean, cf in run_scores(programs, stacks, len(part), "cf")]
+        return out
 
     def _units(self, pairs: list[tuple[dict, EncodedPair]]) -> list[Unit]:
         return units([pair for _, pair in pairs], self.metric)
@@ -200,11 +265,13 @@ class Patcher(BatchSized):
         layers: Sequence[int] | None = None,
         positions: str = "all",
         answer_prefix: str = "",
+        counterfactual: str = ROOT_VALUE,
     ) -> Plan:
         """The plan `patch` would run for these arguments (nothing runs but, under `auto`, the
-        prefix's greedy forward)."""
+        prefix's greedy forward, and for the controls the root counterfactual's runs)."""
         _check_arguments(sites, positions)
-        return self._plan(self.encode(programs, answer_prefix), sites, layers, positions)
+        pairs = self.encode(programs, answer_prefix, counterfactual)
+        return self._plan(pairs, sites, layers, positions)
 
     # -- execute ----------------------------------------------------------------------------
     def _stack_wave(self, pairs: list[tuple[dict, EncodedPair]], reads: Reads) -> int:
@@ -220,10 +287,11 @@ class Patcher(BatchSized):
         return max(1, int(budget * STACK_FRACTION) // per_program)
 
     def _stacks(
-        self, programs: list[Unit], reads: Reads
+        self, programs: list[Unit], reads: Reads, pairs: Sequence[EncodedPair]
     ) -> tuple[dict[tuple[int, int], tuple[Stack, dict[int, int]]], list[tuple[bool, bool]]]:
-        """The runs of the engine programs of each (length, n_read), and per pair whether its
-        clean and its counterfactual answer beat the family's other candidates."""
+        """The runs of the engine programs of each (length, n_read), and per pair whether the
+        clean run's answer and the counterfactual run's own answer beat the family's other
+        candidates there."""
         by_key: dict[tuple[int, int], list[int]] = {}
         for i, u in enumerate(programs):
             by_key.setdefault((len(u.clean_ids), u.n_read), []).append(i)
@@ -244,9 +312,10 @@ class Patcher(BatchSized):
                 first = u.reads[0]
                 picked = slice(2, len(first))
                 at = (s,) if u.role == "pair" else (s, 0)
+                own = pairs[u.source].cf_own_id
                 choices[u.source] = (
                     choice(stack.clean_logits[at][picked].tolist(), first[2:], first[0]),
-                    choice(stack.cf_logits[at][picked].tolist(), first[2:], first[1]),
+                    choice(stack.cf_logits[at][picked].tolist(), first[2:], own),
                 )
             stack = dataclasses.replace(
                 stack,
@@ -259,7 +328,7 @@ class Patcher(BatchSized):
 
     def _execute(self, plan: Plan, pairs) -> tuple[list[Unit], Read, dict, list]:
         programs = self._units(pairs)
-        stacks, choices = self._stacks(programs, plan.reads)
+        stacks, choices = self._stacks(programs, plan.reads, [pair for _, pair in pairs])
         auto = self.batch_size == "auto"
         splits = self.engine.stats.oom_splits
         read = run_plan(self.engine, plan, stacks, split_on_oom=auto)
@@ -281,11 +350,12 @@ class Patcher(BatchSized):
         positions: str = "all",
         answer_prefix: str = "",
         cells: Cells | None = None,
+        counterfactual: str = ROOT_VALUE,
     ) -> Iterator[Wave]:
         """Patch the programs, a wave of programs at a time (as many as the memory budget keeps
         at once); arguments as for `patch`. Yields each wave's plan and readouts."""
         _check_arguments(sites, positions)
-        pairs = self.encode(programs, answer_prefix)
+        pairs = self.encode(programs, answer_prefix, counterfactual)
         return self.run_pairs(pairs, sites, layers, positions, cells)
 
     def run_pairs(
@@ -320,6 +390,7 @@ class Patcher(BatchSized):
         positions: str = "all",
         answer_prefix: str = "",
         cells: Cells | None = None,
+        counterfactual: str = ROOT_VALUE,
     ) -> pa.Table:
         """Patch every program at every (site, layer, position[, head]); one row per patch.
 
@@ -333,6 +404,14 @@ class Patcher(BatchSized):
                 from the model's greedy next token, per program.
             cells: only these cells: `(task, seq_len, index)` -> a set of (site, layer, pos,
                 head) (head None but for `attn_head`); a program not in it gets no row.
+            counterfactual: where the patched activations come from
+                (`orchestrator.tasks.counterfactuals.KINDS`): the program's own root-value
+                counterfactual, or another kind made from it (binding programs). For the
+                controls (`distractor`, `reassign`), whose answer is the clean one, the logit
+                difference contrasts the clean answer with the root-value counterfactual's
+                (`contrast_answer`), and `norm_effect` is scaled by that counterfactual's run
+                (`contrast_logit_diff`), so the controls read on root-value's scale; their
+                `flipped` is a patched top-1 other than the clean answer.
 
         Returns:
             A table in `PATCHING_SCHEMA`. Programs that cannot be patched with this tokenizer
@@ -344,7 +423,8 @@ class Patcher(BatchSized):
                 with an integer batch size, the first time a forward does not fit.
         """
         columns: dict[str, list] = {f.name: [] for f in PATCHING_SCHEMA}
-        for wave in self.run(programs, sites, layers, positions, answer_prefix, cells):
+        waves = self.run(programs, sites, layers, positions, answer_prefix, cells, counterfactual)
+        for wave in waves:
             append_rows(columns, self.lm.name, self.metric, wave, self.lm.tokenizer)
         return pa.table(columns, schema=PATCHING_SCHEMA)
 

@@ -5,6 +5,7 @@ log-probability under `answer_logprob`); a row's logit diffs are the counterfact
 score minus the clean one's."""
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -13,7 +14,10 @@ from actors.forcing import Unit, scores
 from actors.plan import Plan
 from actors.readout import Read
 from actors.targets import EncodedPair
+from orchestrator.tasks.counterfactuals import ROOT_VALUE
 
+# The runs of the engine programs of each (length, n_read), and each program's slot there.
+Stacks = dict[tuple[int, int], tuple[Stack, dict[int, int]]]
 MIN_DENOMINATOR = 1e-3  # |cf - clean| logit-diff gap below which norm_effect is null
 
 
@@ -28,7 +32,7 @@ class Wave:
     pairs: list[tuple[dict, EncodedPair]]
     units: list[Unit]
     read: Read
-    stacks: dict[tuple[int, int], tuple[Stack, dict[int, int]]]
+    stacks: Stacks
     choices: list[tuple[bool, bool]]
 
 
@@ -42,15 +46,19 @@ def program_columns(model: str, prog: dict, pair: EncodedPair) -> dict:
         "clean_answer": prog["answer"],
         "cf_answer": prog["cf_answer"],
         "answer_prefix": pair.prefix,
+        # Where the intervention's values come from (`Patcher.encode`; root_value by default).
+        "counterfactual": prog.get("counterfactual", ROOT_VALUE),
     }
 
 
-def _run_scores(wave: Wave, run: str) -> list[list[float | None]]:
+def run_scores(
+    units: Sequence[Unit], stacks: Stacks, n_pairs: int, run: str
+) -> list[list[float | None]]:
     """Per pair, [score of the clean answer, score of the counterfactual answer] in the clean
     (`run="clean"`) or counterfactual run."""
-    out: list[list[float | None]] = [[None, None] for _ in wave.pairs]
-    for i, u in enumerate(wave.units):
-        stack, slot_of = wave.stacks[(len(u.clean_ids), u.n_read)]
+    out: list[list[float | None]] = [[None, None] for _ in range(n_pairs)]
+    for i, u in enumerate(units):
+        stack, slot_of = stacks[(len(u.clean_ids), u.n_read)]
         s = slot_of[i]
         logits, lse = getattr(stack, f"{run}_logits"), getattr(stack, f"{run}_lse")
         clean, cf = scores(u.role, logits[s : s + 1], lse[s : s + 1])
@@ -96,7 +104,9 @@ def _patch_scores(wave: Wave) -> tuple[list[int], list[float], list[int]]:
 
 def append_rows(columns: dict[str, list], model: str, metric: str, wave: Wave, tokenizer) -> None:
     """Rows of one wave, in its plan's patch order."""
-    clean_run, cf_run = _run_scores(wave, "clean"), _run_scores(wave, "cf")
+    n = len(wave.pairs)
+    clean_run = run_scores(wave.units, wave.stacks, n, "clean")
+    cf_run = run_scores(wave.units, wave.stacks, n, "cf")
     tops: dict[int, tuple[int, int]] = {}
     for i, u in enumerate(wave.units):
         if u.role != "cf":
@@ -106,6 +116,8 @@ def append_rows(columns: dict[str, list], model: str, metric: str, wave: Wave, t
     per_program = []
     for g, (prog, pair) in enumerate(wave.pairs):
         top1, cf_top1 = tops[g]
+        clean_diff = clean_run[g][1] - clean_run[g][0]
+        cf_diff = cf_run[g][1] - cf_run[g][0]
         per_program.append(
             {
                 **program_columns(model, prog, pair),
@@ -114,10 +126,16 @@ def append_rows(columns: dict[str, list], model: str, metric: str, wave: Wave, t
                 "top1_candidate": top1 in pair.candidates,
                 "top1_correct": top1 == pair.clean_answer_id,
                 "choice_correct": wave.choices[g][0],
-                "cf_top1_correct": cf_top1 == pair.cf_answer_id,
+                "cf_top1_correct": cf_top1 == pair.cf_own_id,
                 "cf_choice_correct": wave.choices[g][1],
-                "clean_logit_diff": clean_run[g][1] - clean_run[g][0],
-                "cf_logit_diff": cf_run[g][1] - cf_run[g][0],
+                "clean_logit_diff": clean_diff,
+                "cf_logit_diff": cf_diff,
+                "contrast_answer": prog.get("contrast_answer", prog["cf_answer"]),
+                # A control's runs share their answer: its scale is the root-value
+                # counterfactual's run (`Patcher.encode`).
+                "contrast_logit_diff": (
+                    prog.get("contrast_logit_diff") if pair.same_answer else cf_diff
+                ),
             }
         )
     kept, patched, flipped = _patch_scores(wave)
@@ -134,8 +152,12 @@ def append_rows(columns: dict[str, list], model: str, metric: str, wave: Wave, t
         columns["token"].append(pair.tokens[patch.pos])
         columns["label"].append(pair.labels[patch.pos])
         columns["patched_logit_diff"].append(diff)
-        denom = fixed["cf_logit_diff"] - fixed["clean_logit_diff"]
+        contrast, clean = fixed["contrast_logit_diff"], fixed["clean_logit_diff"]
+        denom = None if contrast is None else contrast - clean
         columns["norm_effect"].append(
-            (diff - fixed["clean_logit_diff"]) / denom if abs(denom) >= MIN_DENOMINATOR else None
+            (diff - clean) / denom if denom is not None and abs(denom) >= MIN_DENOMINATOR else None
         )
-        columns["flipped"].append(top == pair.cf_answer_id)
+        # A control's answer is the clean one: its patch flips when that leaves the top.
+        columns["flipped"].append(
+            top != pair.clean_answer_id if pair.same_answer else top == pair.cf_answer_id
+        )

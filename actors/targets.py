@@ -38,6 +38,10 @@ class EncodedPair:
         prefix: the text of the appended tokens (the `answer_prefix` column).
         clean_answer_ids / cf_answer_ids: each answer's tokens from the compared one on.
         candidates: the tokens the family's answers continue with after the inputs.
+        same_answer: the counterfactual program's answer is the clean one (a control,
+            `orchestrator.tasks.counterfactuals.SAME_ANSWER`): `cf_answer_id` is then the
+            contrast token (the root-value counterfactual's answer), not the counterfactual
+            program's own answer, which is `clean_answer_id`.
     """
 
     clean_ids: list[int]
@@ -51,6 +55,12 @@ class EncodedPair:
     clean_answer_ids: tuple[int, ...] = ()
     cf_answer_ids: tuple[int, ...] = ()
     candidates: tuple[int, ...] = ()
+    same_answer: bool = False
+
+    @property
+    def cf_own_id(self) -> int:
+        """The token of the counterfactual program's own answer."""
+        return self.clean_answer_id if self.same_answer else self.cf_answer_id
 
     @property
     def first_diff(self) -> int:
@@ -146,10 +156,22 @@ def _pair(
 
 
 def encode_program(
-    tokenizer: PreTrainedTokenizerBase, program: Program | Mapping, prefix: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    program: Program | Mapping,
+    prefix: str = "",
+    contrast: str | None = None,
 ) -> EncodedPair | Skip:
     """`encode_pair` on a program with a counterfactual (a `Program` or its `to_dict()`), its
-    family's candidates, and `prefix` (already resolved from `auto`)."""
+    family's candidates, and `prefix` (already resolved from `auto`).
+
+    Args:
+        contrast: the answer compared with the clean one when the counterfactual program's
+            answer is the clean one (a control, whose own answers tell nothing apart): the
+            root-value counterfactual's answer. The pair is then `same_answer`.
+
+    Raises:
+        ValueError: no counterfactual, or a control without a `contrast`.
+    """
     prog = program if isinstance(program, Mapping) else program.to_dict()
     if prog.get("cf_text") is None:
         raise ValueError(
@@ -157,13 +179,23 @@ def encode_program(
             "counterfactual; generate the program with orchestrator.tasks (every family writes "
             "one) or leave it out of the patching experiment"
         )
-    return encode_pair(
+    same = prog["cf_answer"] == prog["answer"]
+    if same and contrast is None:
+        raise ValueError(
+            f"program {prog['task']}/{prog['index']}: its counterfactual has the clean answer "
+            f"{prog['answer']!r}, so no logit difference tells the runs apart; give the "
+            "contrast answer (the root-value counterfactual's)"
+        )
+    pair = encode_pair(
         tokenizer,
         prog["text"],
         prog["cf_text"],
         prog["answer"],
-        prog["cf_answer"],
+        contrast if same else prog["cf_answer"],
         prog["spans"],
         get_family(prog["task"]).candidates,
         prefix,
     )
+    if same and isinstance(pair, EncodedPair):
+        return dataclasses.replace(pair, same_answer=True)
+    return pair

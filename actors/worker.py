@@ -34,6 +34,7 @@ from actors.loading import LoadedModel, load_model
 from actors.patching import Patcher
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
 from orchestrator.tasks import Program, generate
+from orchestrator.tasks.counterfactuals import ROOT_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ SKIPPED_SCHEMA = pa.schema(
         ("seq_len", pa.int32()),
         ("program", pa.int64()),
         ("reason", pa.string()),
+        # Where the patched activations came from (patching's kinds; root_value elsewhere).
+        ("counterfactual", pa.string()),
     ]
 )
 
@@ -163,6 +166,7 @@ class ModelWorker:
             layers=list(shard.layers),
             positions=self.config.patching.positions,
             answer_prefix=self._prefix(shard),
+            counterfactual=shard.counterfactual,
         )
 
     def _patching(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
@@ -178,7 +182,7 @@ class ModelWorker:
             f"shard {shard.file_stem}: out of memory at one patch per forward",
             shard,
         )
-        return table, self._skipped(patcher.skipped)
+        return table, self._skipped(patcher.skipped, shard.counterfactual)
 
     def _attribute(self, attributor: Attributor, programs: list[Program], shard: Shard) -> pa.Table:
         """One attempt at the shard with the attributor's current batch size (tests override
@@ -279,7 +283,7 @@ class ModelWorker:
                 batch = max(1, batch // 2)
                 logger.warning("shard %s: out of memory; retrying with batch %d", shard.id, batch)
 
-    def _skipped(self, skipped: list[tuple[dict, str]]) -> pa.Table:
+    def _skipped(self, skipped: list[tuple[dict, str]], kind: str = ROOT_VALUE) -> pa.Table:
         """The programs a tool left out, with the reason, as rows of `SKIPPED_SCHEMA`."""
         rows = {
             "model": [self.config.model.id] * len(skipped),
@@ -287,5 +291,6 @@ class ModelWorker:
             "seq_len": [p["seq_len"] for p, _ in skipped],
             "program": [p["index"] for p, _ in skipped],
             "reason": [reason for _, reason in skipped],
+            "counterfactual": [kind] * len(skipped),
         }
         return pa.table(rows, schema=SKIPPED_SCHEMA)

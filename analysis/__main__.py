@@ -30,6 +30,8 @@ CHARTS = {
     "attribution_scatter": (queries.ATTRIBUTION_VERIFIED, charts.attribution_scatter),
     "attribution_heatmap": (queries.ATTRIBUTION_HEATMAP, charts.attribution_heatmap),
     "routing_map": (queries.ROUTING_MAP, charts.routing_map),
+    # rows only where some (model, site) was patched from a kind besides the root value
+    "counterfactual_heatmap": (queries.COUNTERFACTUAL_BY_LABEL, charts.counterfactual_heatmap),
 }
 
 
@@ -105,6 +107,15 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
         )
     elif cover.rows_all:  # every program filtered out: say so, the prompt check says why
         out.append(f"top (site, layer, label) cells: none ({kept})")
+    controls = queries.run(con, queries.COUNTERFACTUAL_CONTROL, include_all=include_all)
+    if len(controls):
+        out.append(
+            "patching effect by counterfactual kind: root_value and query_swap change the answer, "
+            "the controls distractor and reassign do not, so their norm_effect (on root_value's "
+            f"scale) should be ~0 ({'all programs' if include_all else queries.KEPT_DESCRIPTION}; "
+            "max_cell_effect: the largest |mean| of a (layer, label, head) cell)\n"
+            + show(controls, "table")
+        )
     agreement = queries.run(con, queries.AGREEMENT)
     if len(agreement):
         out.append(

@@ -11,6 +11,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from orchestrator.tasks.counterfactuals import KINDS
 from orchestrator.tasks.errors import ERROR_KINDS
 
 THEME = "varbind"
@@ -182,12 +183,18 @@ def _effect_color(df: pd.DataFrame) -> alt.Color:
     )
 
 
+# Labels after the chain's hops, in program order; the controls' changed digits (`distractor_rhs`,
+# `stale_rhs`) beside the chain's constant. Labels not named here come last, sorted.
+LABELS_AFTER_HOPS = ("cf_const", "distractor_rhs", "stale_rhs", "query_var", "final_colon", "other")
+
+
 def _label_order(labels) -> list[str]:
+    labels = set(labels)
     refs = sorted(
         (x for x in labels if x.startswith("ref_depth_")), key=lambda x: int(x.split("_")[2])
     )
-    rest = [x for x in ("cf_const", "query_var", "final_colon", "other") if x in set(labels)]
-    return refs + rest
+    rest = [x for x in LABELS_AFTER_HOPS if x in labels]
+    return refs + rest + sorted(labels - set(refs) - set(rest))
 
 
 def _label_heatmap(df: pd.DataFrame, *extra: str) -> alt.Chart:
@@ -243,6 +250,29 @@ def attribution_heatmap(df: pd.DataFrame) -> alt.FacetChart:
         _label_heatmap(data, "kind")
         .facet(row=alt.Row("site:N", title=None), column=alt.Column("panel:N", title=None))
         .properties(title="Attribution estimate beside exact patching, by layer and token")
+    )
+
+
+def counterfactual_heatmap(df: pd.DataFrame) -> alt.FacetChart:
+    """Layer x token label of the mean normalized effect, one column per counterfactual kind
+    present (in `KINDS` order: root_value, query_swap, distractor, reassign) and one row per site
+    (and model, if several), on the patching heatmap's colour scale, shared by every panel. The
+    controls' norm_effects are on the root value's scale, so a pale control column is the
+    expected result."""
+    use_theme()
+    data = df.assign(panel=_per_model(df, df["site"]))
+    present = set(data["counterfactual"])
+    kinds = [k for k in KINDS if k in present] + sorted(present - set(KINDS))
+    return (
+        _label_heatmap(data, "counterfactual")
+        .facet(
+            row=alt.Row("panel:N", title=None),
+            column=alt.Column("counterfactual:N", title=None, sort=kinds),
+        )
+        .properties(
+            title="Patching effect by counterfactual: the controls' answer does not change, "
+            "so their cells should be ~0"
+        )
     )
 
 

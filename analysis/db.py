@@ -3,8 +3,11 @@
 
 Reads only complete shard files (the writers rename into place; temporaries live in `.tmp/`,
 outside these globs), so it works on a run that is still being written. Schemas are unioned by
-name, and every view has every column of `EMPTY` (older files read NULL where they lack one), so
-runs written by different versions read together.
+name, and every view has every column of `EMPTY`, so runs written by different versions read
+together: where a file lacks a column, its rows read the column's `FALLBACK` (an SQL expression
+over the file's own columns: its old name, or what the column meant before it was written), or
+NULL where there is none; where files of both versions are read together, each row reads its
+own value, else the fallback.
 
 The folders are hive-partitioned (`model=<m>/site=<s>`; knockout's `model=<m>/scope=<s>`), but
 the path holds the model id *escaped* for file names (`Qwen--Qwen3-0.6B`), while every file
@@ -19,8 +22,8 @@ from pathlib import Path
 import duckdb
 
 # Columns of each view when no file exists yet, so that queries run (and return nothing). Files of
-# older runs that lack some of them read with those columns NULL (see `RENAMED` for the two that
-# changed name), so one query serves runs written by every version.
+# older runs that lack some of them read those columns' `FALLBACK`, or NULL, so one query serves
+# runs written by every version.
 EMPTY = {
     "programs": "task VARCHAR, seq_len INTEGER, program BIGINT, text VARCHAR, answer VARCHAR, "
     "query VARCHAR, cf_text VARCHAR, cf_answer VARCHAR, depth INTEGER, root_line INTEGER, "
@@ -35,27 +38,44 @@ EMPTY = {
     "top1 VARCHAR, top1_candidate BOOLEAN, top1_correct BOOLEAN, choice_correct BOOLEAN, "
     "cf_top1_correct BOOLEAN, cf_choice_correct BOOLEAN, "
     "clean_logit_diff FLOAT, cf_logit_diff FLOAT, patched_logit_diff FLOAT, norm_effect FLOAT, "
-    "flipped BOOLEAN",
+    "flipped BOOLEAN, counterfactual VARCHAR, contrast_answer VARCHAR, contrast_logit_diff FLOAT",
     "attribution": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, site VARCHAR, "
     "layer INTEGER, head INTEGER, pos INTEGER, token VARCHAR, label VARCHAR, "
     "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, "
     "top1_correct BOOLEAN, cf_top1_correct BOOLEAN, clean_logit_diff FLOAT, cf_logit_diff FLOAT, "
     "estimate FLOAT, norm_estimate FLOAT, grad_drop FLOAT, attention_fix BOOLEAN, "
-    "verify VARCHAR, exact FLOAT, norm_exact FLOAT, exact_flipped BOOLEAN",
+    "verify VARCHAR, exact FLOAT, norm_exact FLOAT, exact_flipped BOOLEAN, counterfactual VARCHAR",
     # One row per program x (layer, head) x source position x scope: the head's attention from
     # the answer (`answer`) or from every later position (`later`) to `source` blocked.
     "knockout": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, layer INTEGER, "
     "head INTEGER, source VARCHAR, source_pos INTEGER, scope VARCHAR, token VARCHAR, "
     "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, top1_correct BOOLEAN, "
     "clean_logit_diff FLOAT, cf_logit_diff FLOAT, knocked_logit_diff FLOAT, effect FLOAT, "
-    "norm_effect FLOAT, top1_changed BOOLEAN",
-    "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR",
+    "norm_effect FLOAT, top1_changed BOOLEAN, counterfactual VARCHAR",
+    "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR, "
+    "counterfactual VARCHAR",
 }
 # Columns that older runs wrote under another name with the same meaning: the clean and the
 # counterfactual run's top-1 over the whole vocabulary is the answer's token.
 RENAMED = {
     "patching": {"top1_correct": "clean_correct", "cf_top1_correct": "cf_correct"},
 }
+# Columns whose value older runs did not write but fixed, as SQL over their files' columns: before
+# the counterfactual kinds, every patching row was the root value's, whose logit diffs contrast the
+# clean answer with its own answer (`cf_answer`).
+DERIVED = {
+    "patching": {
+        "counterfactual": "'root_value'",
+        "contrast_answer": "cf_answer",
+        "contrast_logit_diff": "cf_logit_diff",
+    },
+    # Attribution, knockout and skipped rows are of the root value's counterfactual, as every
+    # row was before the kinds.
+    **{view: {"counterfactual": "'root_value'"} for view in ("attribution", "knockout", "skipped")},
+}
+# What a file that lacks a column reads in it (a renamed column: its old name), used where the
+# expression binds over the file's columns.
+FALLBACK = {view: RENAMED.get(view, {}) | DERIVED.get(view, {}) for view in EMPTY}
 GLOBS = {
     "programs": "programs.parquet",
     "behavior": "behavior/**/*.parquet",
@@ -68,6 +88,10 @@ GLOBS = {
 
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _sql_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def connect(results: str | Path, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -101,25 +125,36 @@ def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
     return {row[0]: row[1] for row in con.execute(f"DESCRIBE {relation}").fetchall()}
 
 
+def _binds(con: duckdb.DuckDBPyConnection, expression: str, have: dict[str, str]) -> bool:
+    """Whether `expression` reads only columns in `have` (name -> type), checked over no rows."""
+    columns = ", ".join(f"NULL::{kind} AS {_sql_name(name)}" for name, kind in have.items())
+    try:
+        con.execute(f"DESCRIBE SELECT {expression} FROM (SELECT {columns})")
+    except duckdb.BinderException:
+        return False
+    return True
+
+
 def _complete(con: duckdb.DuckDBPyConnection, view: str, source: str) -> str:
     """`SELECT` over `source` with every column of `EMPTY[view]`: a column the files lack reads
-    as NULL, or as its old name's values (`RENAMED`); where files of both versions are read
-    together, the new column falls back to the old one row by row."""
+    as its `FALLBACK` where the files have the columns that reads, else as NULL; where files of
+    both versions are read together, the column falls back row by row (`coalesce`)."""
     con.execute(f"CREATE TEMP TABLE _shape ({EMPTY[view]})")
     try:
         wanted = _columns(con, "_shape")
     finally:
         con.execute("DROP TABLE _shape")
     have = _columns(con, f"SELECT * FROM {source}")
-    renamed = RENAMED.get(view, {})
     replace, extra = [], []
     for name, kind in wanted.items():
-        old = renamed.get(name)
+        fallback = FALLBACK[view].get(name)
+        if fallback is not None and not _binds(con, fallback, have):
+            fallback = None
         if name in have:
-            if old in have:
-                replace.append(f"coalesce({name}, {old}) AS {name}")
-        elif old in have:
-            extra.append(f"{old} AS {name}")
+            if fallback is not None:
+                replace.append(f"coalesce({name}, CAST({fallback} AS {kind})) AS {name}")
+        elif fallback is not None:
+            extra.append(f"CAST({fallback} AS {kind}) AS {name}")
         else:
             extra.append(f"NULL::{kind} AS {name}")
     star = f"* REPLACE ({', '.join(replace)})" if replace else "*"

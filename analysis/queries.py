@@ -5,6 +5,13 @@ vocabulary is the answer's in both the clean and the counterfactual run (`top1_c
 `cf_top1_correct`), and not heuristic ones (root value on line 1 or 2), as the method says;
 `$include_all = true` keeps every program. `KEPT_DESCRIPTION` says so in words for the summary.
 
+A program is patched from up to four counterfactuals (`counterfactual`, the kinds of
+`orchestrator.tasks.counterfactuals`): `root_value` and `query_swap` change the answer, the
+controls `distractor` and `reassign` do not. Every patching aggregate reads the `root_value`
+rows only, `$include_all` or not; the `COUNTERFACTUAL_*` ones set the kinds side by side, over
+the same kept programs, on one scale (a control's norm_effect is normalized by the root value's
+logit diffs, so ~0 means no effect).
+
 Knockout aggregates keep the programs whose clean top-1 is the answer (`top1_correct`; a knockout
 row has no counterfactual run's top-1) and not heuristic ones, through the same filter.
 
@@ -16,6 +23,8 @@ programs alike: it judges the estimate against exact patching, not the model's a
 
 import duckdb
 import pandas as pd
+
+from orchestrator.tasks.counterfactuals import KINDS
 
 # At most this many verified cells per (model, site) in the scatter (a fixed pseudo-random
 # sample: `save` inlines every row); the correlations are over all of them.
@@ -33,16 +42,30 @@ CORRECT = ("top1_correct", "cf_top1_correct")
 KNOCKOUT_CORRECT = ("top1_correct",)
 
 
-def _kept(view: str, columns: str = "p.*", correct: tuple[str, ...] = CORRECT) -> str:
+# The rows of a view that its aggregates read whatever `$include_all` says: patching's of the
+# root value's counterfactual, the one every chart shows (the other kinds are read by the
+# `COUNTERFACTUAL_*` queries). Views not named here read every row.
+ROOT_VALUE = "p.counterfactual = 'root_value'"
+ROWS = {"patching": ROOT_VALUE}
+
+
+def _kept(
+    view: str,
+    columns: str = "p.*",
+    correct: tuple[str, ...] = CORRECT,
+    rows: str | None = None,
+) -> str:
     """The rows of `view` (`patching`, `attribution` or `knockout`) of the programs the method
-    keeps: every column of `correct` true, the root not on line 1 or 2."""
+    keeps: every column of `correct` true, the root not on line 1 or 2. `rows`: the condition
+    that every row meets, `$include_all` or not (default: the view's in `ROWS`, if any)."""
+    rows = ROWS.get(view, "true") if rows is None else rows
     right = " AND ".join(f"p.{column}" for column in correct)
     return f"""
     SELECT {columns}
     FROM {view} AS p
     LEFT JOIN programs AS g USING (task, seq_len, program)
-    WHERE $include_all
-       OR ({right} AND NOT coalesce(g.heuristic, false))
+    WHERE ({rows})
+      AND ($include_all OR ({right} AND NOT coalesce(g.heuristic, false)))
 """
 
 
@@ -127,6 +150,7 @@ ORDER BY model, layer, head, label
 """
 )
 
+# Per model, the $k cells of largest mean effect (ties: by site, layer, label).
 TOP_CELLS = (
     KEPT
     + """
@@ -134,18 +158,77 @@ SELECT model, site, layer, label, avg(norm_effect) AS mean_effect, count(norm_ef
 FROM kept
 WHERE norm_effect IS NOT NULL
 GROUP BY model, site, layer, label
-QUALIFY row_number() OVER (PARTITION BY model ORDER BY mean_effect DESC) <= $k
-ORDER BY model, mean_effect DESC
+QUALIFY row_number() OVER (PARTITION BY model ORDER BY mean_effect DESC, site, layer, label) <= $k
+ORDER BY model, mean_effect DESC, site, layer, label
 """
 )
 
+# The root-value rows and programs that the aggregates above could read, and those they keep
+# (rows of the other kinds are counted in COUNTERFACTUAL_CONTROL).
 COVERAGE = (
-    KEPT
+    _with(kept=_kept("patching"), patched=f"SELECT * FROM patching AS p WHERE {ROOT_VALUE}")
     + """
-SELECT (SELECT count(*) FROM patching) AS rows_all,
+SELECT (SELECT count(*) FROM patched) AS rows_all,
        (SELECT count(*) FROM kept) AS rows_kept,
-       (SELECT count(DISTINCT (task, seq_len, program)) FROM patching) AS programs_all,
+       (SELECT count(DISTINCT (task, seq_len, program)) FROM patched) AS programs_all,
        (SELECT count(DISTINCT (task, seq_len, program)) FROM kept) AS programs_kept
+"""
+)
+
+# The kept rows of every counterfactual kind, of the (model, site) pairs that were patched from
+# some kind besides the root value: a run of root-value patching alone has no rows here.
+_KINDS_SQL = "[" + ", ".join(f"'{kind}'" for kind in KINDS) + "]"
+_KIND_ORDER = f"coalesce(list_position({_KINDS_SQL}, counterfactual), {len(KINDS) + 1})"
+_COMPARED = {
+    "kept": _kept("patching", rows="true"),
+    "compared": """
+    SELECT * FROM kept
+    WHERE (model, site) IN (
+        SELECT DISTINCT model, site FROM patching WHERE counterfactual <> 'root_value'
+    )
+""",
+}
+
+# Per (model, site, counterfactual) over the kept programs: the mean |norm_effect| and the mean
+# norm_effect of every patched cell, the largest |mean norm_effect| of one (layer, label, head)
+# cell, the flip rate, and the programs and rows. A control's are ~0 where patching moves only
+# what the answer depends on. Kinds in `KINDS` order, root_value first.
+COUNTERFACTUAL_CONTROL = (
+    _with(
+        **_COMPARED,
+        cells="""
+    SELECT model, site, counterfactual, abs(avg(norm_effect)) AS effect
+    FROM compared
+    GROUP BY model, site, counterfactual, layer, label, head
+""",
+        peaks="""
+    SELECT model, site, counterfactual, max(effect) AS max_cell_effect
+    FROM cells
+    GROUP BY model, site, counterfactual
+""",
+    )
+    + f"""
+SELECT model, site, counterfactual,
+       count(DISTINCT (task, seq_len, program)) AS programs, count(*) AS rows,
+       avg(norm_effect) AS mean_effect, avg(abs(norm_effect)) AS mean_abs_effect,
+       any_value(max_cell_effect) AS max_cell_effect, avg(flipped::INTEGER) AS flip_rate
+FROM compared
+JOIN peaks USING (model, site, counterfactual)
+GROUP BY model, site, counterfactual
+ORDER BY model, site, {_KIND_ORDER}, counterfactual
+"""
+)
+
+# HEATMAP_BY_LABEL of every kind, of the same (model, site) pairs: mean norm_effect by (model,
+# counterfactual, site, layer, label), over programs, positions and, at `attn_head`, heads.
+COUNTERFACTUAL_BY_LABEL = (
+    _with(**_COMPARED)
+    + f"""
+SELECT model, counterfactual, site, layer, label, avg(norm_effect) AS mean_effect,
+       count(norm_effect) AS n
+FROM compared
+GROUP BY model, counterfactual, site, layer, label
+ORDER BY model, {_KIND_ORDER}, counterfactual, site, layer, label
 """
 )
 
@@ -243,9 +326,10 @@ ORDER BY model, site
 # Every cell that the run both estimated and patched exactly (a spec with `patching` over the
 # same sites and positions as `attribution`): estimate against `patched - clean` of the patching
 # row, its Spearman and Pearson correlation, and per program the share of its 10 largest |exact|
-# within its 20 largest |estimate| (ties broken by layer, pos, head). Not filtered, like
+# within its 20 largest |estimate| (ties broken by layer, pos, head). Only the root value's
+# patching rows (the counterfactual the estimates are of); not filtered otherwise, like
 # AGREEMENT: it judges the estimate.
-_JOINED = """
+_JOINED = f"""
     SELECT a.model, a.site, a.task, a.seq_len, a.program, a.layer, a.pos, a.head, a.estimate,
            p.patched_logit_diff - p.clean_logit_diff AS exact
     FROM attribution AS a
@@ -253,7 +337,7 @@ _JOINED = """
       ON a.model = p.model AND a.task = p.task AND a.seq_len = p.seq_len
      AND a.program = p.program AND a.site = p.site AND a.layer = p.layer AND a.pos = p.pos
      AND a.head IS NOT DISTINCT FROM p.head
-    WHERE a.estimate IS NOT NULL AND p.patched_logit_diff IS NOT NULL
+    WHERE a.estimate IS NOT NULL AND p.patched_logit_diff IS NOT NULL AND {ROOT_VALUE}
 """
 _PLACED = f"""
     SELECT *,

@@ -1,12 +1,13 @@
 """A run folder belongs to one spec: its identity, its hash, and what may change under `--extend`.
 
 The identity is everything that decides the folder's rows: the seed; each family's lengths,
-count and options; each model's dtype and quantization; each experiment's row-deciding settings
-(template, backend, positions, metric, sites, layers, tasks; attribution's AtP* switches and
-`verify_top_k`), each model's answer prefix per task, and its shard layout (programs and layers
-per shard: a different layout gives different shard files over the same programs). It leaves
-out what only decides how fast rows come (batch sizes, resources) and where they go (`output`,
-`run`). Order does not matter: lists that are sets are sorted.
+count, options and counterfactual kinds (when not root_value alone); each model's dtype and
+quantization; each experiment's row-deciding settings (template, backend, positions, metric,
+sites, layers, tasks; attribution's AtP* switches and `verify_top_k`), each model's answer
+prefix per task, and its shard layout (programs and layers per shard: a different layout gives
+different shard files over the same programs). It leaves out what only decides how fast rows
+come (batch sizes, resources) and where they go (`output`, `run`). Order does not matter: lists
+that are sets are sorted.
 
 `run.json` stores the identity and its hash. A spec with another hash is refused, unless
 `--extend` and `extension_problems` finds the change only adds work: then every shard of the old
@@ -20,7 +21,7 @@ from typing import Any
 
 from orchestrator.protocol import KINDS
 from orchestrator.shards import iter_shards
-from orchestrator.spec import Spec
+from orchestrator.spec import Spec, TaskSpec
 
 HASH_LENGTH = 16
 MAX_DIFF_LINES = 12
@@ -54,14 +55,19 @@ def _experiment(kind: str, experiment: Any) -> dict[str, Any] | None:
     return out
 
 
+def _task(task: TaskSpec) -> dict[str, Any]:
+    out = {"seq_lens": sorted(task.seq_lens), "n": task.n, "options": dict(task.options)}
+    # Only when not the default, so that specs from before counterfactual kinds keep their hash.
+    if task.counterfactuals != ["root_value"]:
+        out["counterfactual"] = sorted(task.counterfactuals)
+    return out
+
+
 def identity(spec: Spec) -> dict[str, Any]:
     """The row-deciding content of a spec, as plain JSON-able data."""
     ident: dict[str, Any] = {
         "seed": spec.seed,
-        "tasks": {
-            t.family: {"seq_lens": sorted(t.seq_lens), "n": t.n, "options": dict(t.options)}
-            for t in spec.tasks
-        },
+        "tasks": {t.family: _task(t) for t in spec.tasks},
         "models": {
             m.id: {
                 "dtype": m.dtype,
@@ -136,6 +142,9 @@ def extension_problems(
             problems.append(f"tasks.{task.family}.seq_lens: {dropped} removed")
         if other.n < task.n:
             problems.append(f"tasks.{task.family}.n: {task.n} -> {other.n} removes programs")
+        dropped = [c for c in task.counterfactuals if c not in other.counterfactuals]
+        if dropped:
+            problems.append(f"tasks.{task.family}.counterfactual: {dropped} removed")
     for kind in KINDS:
         if getattr(old.experiments, kind) is not None and getattr(new.experiments, kind) is None:
             problems.append(f"experiments.{kind} was removed")

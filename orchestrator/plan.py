@@ -1,14 +1,15 @@
 """The plan printed before a sweep: models, programs, shards by kind, the patching work as the
 engine will plan it (`actors.plan`): patch rows, the share that needs no forward, and the
-token-layers the passes compute; the attribution work: the cells it estimates and the exact
-patches `verify_top_k` adds; and the knockouts. Counted on a sample of programs tokenized by
-each model's own tokenizer, scaled to the task's `n`; configs and tokenizers only, no weights."""
+token-layers the passes compute, for each counterfactual kind of each task; the attribution
+work: the cells it estimates and the exact patches `verify_top_k` adds; and the knockouts.
+Counted on a sample of programs tokenized by each model's own tokenizer, scaled to the task's
+`n`; configs and tokenizers only, no weights."""
 
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.shards import count_shards, layer_blocks, layer_groups
+from orchestrator.shards import count_shards, counterfactuals, layer_blocks, layer_groups
 from orchestrator.spec import Spec
 from orchestrator.tasks import iter_programs
 
@@ -50,16 +51,21 @@ def _heads(config: Any) -> int:
 
 def _samples(spec: Spec, tokenizer: Any, kind: str) -> Iterator[tuple[list[Any], float]]:
     """Per (task, seq_len) of `kind`: the encoded pairs of a sample of its programs (those the
-    model skips left out, so they count as none), and the factor that scales it to `n`."""
+    model skips left out, so they count as none), and the factor that scales it to `n` programs
+    and to the task's counterfactual kinds (patching's; one for the other kinds)."""
     from actors.targets import Skip, encode_program
 
     for task in spec.tasks_for(kind):
+        # Every kind is counted as root_value's pairs: an estimate, since another kind patches
+        # at its own positions and skips the programs that have no such counterfactual.
+        kinds = len(counterfactuals(kind, task))
         for seq_len in task.seq_lens:
             sample = iter_programs(
                 task.family, spec.seed, seq_len, min(SAMPLE, task.n), **task.options
             )
             pairs = [encode_program(tokenizer, p) for p in sample]
-            yield [p for p in pairs if not isinstance(p, Skip)], task.n / max(1, len(pairs))
+            scale = task.n * kinds / max(1, len(pairs))
+            yield [p for p in pairs if not isinstance(p, Skip)], scale
 
 
 def _patching_work(spec: Spec, tokenizer: Any, n: int, heads: int) -> tuple[int, int, int]:

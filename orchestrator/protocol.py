@@ -46,6 +46,8 @@ class Shard:
         layers: layer indices (patching: consecutive; attribution: every requested layer).
         id: content hash; the shard's file is `<id>.parquet`.
         part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
+        counterfactual: the counterfactual kind patched (`orchestrator.tasks.counterfactuals`;
+            patching only: every other kind's shards are `root_value`).
     """
 
     kind: Kind
@@ -58,6 +60,7 @@ class Shard:
     layers: tuple[int, ...] | None = None
     id: str = ""
     part: tuple[int, int] | None = None
+    counterfactual: str = "root_value"
 
     @property
     def file_stem(self) -> str:
@@ -75,6 +78,8 @@ class Shard:
                 text += f" layers {first}-{last}"
             else:  # attribution's layers need not be consecutive
                 text += " layers " + ",".join(map(str, self.layers))
+        if self.counterfactual != "root_value":
+            text += f" counterfactual={self.counterfactual}"
         return text
 
 

@@ -1,12 +1,13 @@
 """Expand a spec into shards: the units of scheduling and of resume.
 
 A behaviour shard is (model, task, seq_len, a block of program indices); a patching shard adds
-one site and a block of consecutive layers; an attribution shard one site and every requested
-layer (one backward pass gives them all); a knockout shard one scope and a block of layers. A
-shard's id is a hash of everything that decides its rows — the model as given, the experiment's
-result-affecting settings, the task's family options, the seed, the program block, the site (or
-scope) and layers — and of nothing else (not the batch size, not the output path), so the same
-spec yields the same ids on every run and machine.
+one counterfactual kind of the task, one site and a block of consecutive layers; an attribution
+shard one site and every requested layer (one backward pass gives them all); a knockout shard one
+scope and a block of layers. A shard's id is a hash of everything that decides its rows — the
+model as given, the experiment's result-affecting settings, the task's family options, the seed,
+the program block, the counterfactual kind (when not root_value), the site (or scope) and layers
+— and of nothing else (not the batch size, not the output path), so the same spec yields the
+same ids on every run and machine.
 
 Expansion is lazy (`iter_shards`) and its size is arithmetic (`count_shards`), so a sweep of any
 size costs the driver no memory for its plan.
@@ -14,6 +15,7 @@ size costs the driver no memory for its plan.
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +27,7 @@ ID_LENGTH = 16
 __all__ = [
     "Shard",
     "count_shards",
+    "counterfactuals",
     "escape_model",
     "iter_shards",
     "layer_blocks",
@@ -75,6 +78,12 @@ def shard_id(spec: Spec, task: TaskSpec, fields: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:ID_LENGTH]
 
 
+def counterfactuals(kind: str, task: TaskSpec) -> list[str]:
+    """The counterfactual kinds `kind` runs on `task`'s programs, each in shards of its own: the
+    task's for patching, root_value alone for every other kind."""
+    return task.counterfactuals if kind == "patching" else ["root_value"]
+
+
 def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for start in range(0, n, size):
         yield start, min(size, n - start)
@@ -105,7 +114,8 @@ def layer_groups(kind: str, experiment: Any, n_layers: int) -> list[tuple[int, .
 
 def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) -> Iterator[Shard]:
     """Every shard of the spec (or of one model), per model behaviour first, then patching,
-    then attribution, in a stable order.
+    attribution and knockout, in a stable order: per (task, seq_len, program block,
+    counterfactual kind, site or scope, layers).
 
     Args:
         spec: the validated spec.
@@ -126,9 +136,15 @@ def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) 
                 groups = layer_groups(kind, experiment, n_layers[m.id])
                 places = [{"site": s, "layers": g} for s in experiment.places for g in groups]
             for task in spec.tasks_for(kind):
+                # The kind is hashed only when not root_value, so that the ids of shards from
+                # before counterfactual kinds (all root_value) stay what they were.
+                variants = [
+                    {} if c == "root_value" else {"counterfactual": c}
+                    for c in counterfactuals(kind, task)
+                ]
                 for seq_len in task.seq_lens:
                     for start, n in _blocks(task.n, experiment.programs_per_shard):
-                        for place in places:
+                        for counterfactual, place in itertools.product(variants, places):
                             fields = {
                                 "kind": kind,
                                 "model": m.id,
@@ -136,6 +152,7 @@ def iter_shards(spec: Spec, n_layers: dict[str, int], model: str | None = None) 
                                 "seq_len": seq_len,
                                 "start": start,
                                 "n": n,
+                                **counterfactual,
                                 **place,
                             }
                             yield Shard(**fields, id=shard_id(spec, task, fields))
@@ -149,7 +166,10 @@ def count_shards(spec: Spec, n_layers: dict[str, int]) -> dict[str, int]:
         if experiment is None:
             continue
         per = experiment.programs_per_shard
-        blocks = sum(len(t.seq_lens) * -(-t.n // per) for t in spec.tasks_for(kind))
+        blocks = sum(
+            len(t.seq_lens) * -(-t.n // per) * len(counterfactuals(kind, t))
+            for t in spec.tasks_for(kind)
+        )
         places = 1
         counts[kind] = 0
         for m in spec.models:

@@ -4,7 +4,8 @@
     output: results
     seed: 0
     tasks:
-      - {family: binding, seq_lens: [8, 16], n: 20, options: {style: paper}}
+      - {family: binding, seq_lens: [8, 16], n: 20, options: {style: paper},
+         counterfactual: [root_value, distractor]}
     models:
       - {id: models/binding-tiny}
     experiments:
@@ -34,6 +35,7 @@ from orchestrator.tasks import (
     get_family,
     render_prompt,
 )
+from orchestrator.tasks.counterfactuals import KINDS as COUNTERFACTUALS
 
 Backend = Literal["hf", "vllm", "auto"]
 Site = Literal["resid_pre", "attn_head", "mlp_out"]
@@ -42,6 +44,8 @@ PositiveInt = Annotated[int, Field(ge=1, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 Flag = Annotated[bool, Field(strict=True)]  # `true`/`false`, not `1` or "yes"
 Auto = Literal["auto"]
+# `orchestrator.tasks.counterfactuals.KINDS` (a test checks the two agree).
+Counterfactual = Literal["root_value", "query_swap", "distractor", "reassign"]
 
 
 class SpecError(ValueError):
@@ -63,6 +67,10 @@ class TaskSpec(_Strict):
     # Text between the prompt and the answer, or `auto`: from each model's greedy next token
     # (actors/answers.py). A model entry may override it.
     answer_prefix: str = "auto"
+    # What each patched program is compared with (orchestrator/tasks/counterfactuals.py): a
+    # kind, or a list of kinds, each patched in shards of its own. Kinds other than root_value
+    # are defined for binding only. Patching only: attribution and knockout keep root_value.
+    counterfactual: Counterfactual | list[Counterfactual] = "root_value"
 
     @field_validator("seq_lens")
     @classmethod
@@ -70,6 +78,34 @@ class TaskSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seq_lens {v} repeats a length; fix: list each length once")
         return v
+
+    @field_validator("counterfactual", mode="before")
+    @classmethod
+    def _known_kinds(cls, v: Any) -> Any:
+        """One message per mistake, instead of one per member of the union."""
+        kinds = [v] if isinstance(v, str) else v
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ValueError(
+                f"counterfactual must be a kind or a list of kinds, one of {list(COUNTERFACTUALS)}"
+                "; fix: write e.g. distractor, or [root_value, distractor]"
+            )
+        if not kinds:
+            raise ValueError("counterfactual [] names no kind; fix: write e.g. root_value")
+        unknown = [k for k in kinds if k not in COUNTERFACTUALS]
+        if unknown:
+            raise ValueError(
+                f"unknown counterfactual kind {', '.join(map(repr, unknown))}; fix: use one of "
+                f"{list(COUNTERFACTUALS)}"
+            )
+        if isinstance(v, list):
+            _once(v, "counterfactual")
+        return v
+
+    @property
+    def counterfactuals(self) -> list[str]:
+        """The counterfactual kinds to patch, in the order given."""
+        v = self.counterfactual
+        return [v] if isinstance(v, str) else list(v)
 
     @model_validator(mode="after")
     def _family_accepts(self) -> "TaskSpec":
@@ -79,6 +115,12 @@ class TaskSpec(_Strict):
             raise ValueError(
                 f"seq_lens {short} are too short for {self.family}: it needs at least "
                 f"{family.min_seq_len} lines; fix: use longer programs"
+            )
+        others = [k for k in self.counterfactuals if k != "root_value"]
+        if others and self.family != "binding":
+            raise ValueError(
+                f"counterfactual {others} is defined for binding programs only, not "
+                f"{self.family}; fix: use root_value for this task"
             )
         # Generate one program: this checks every option's name and value with the family.
         generate(self.family, 0, self.seq_lens[0], 0, **self.options)

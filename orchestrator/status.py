@@ -148,10 +148,13 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"  failures ({len(st.failures)}, from failures.jsonl):")
         for stem, row in sorted(st.failures.items()):
             error = str(row.get("error", "")).splitlines()[0][:200]
+            # Shards that differ only in their counterfactual kind are told apart here too.
+            kind = row.get("counterfactual", "root_value")
+            counterfactual = "" if kind == "root_value" else f" counterfactual={kind}"
             lines.append(
                 f"    {stem} {row.get('kind')} {row.get('task')} seq_len={row.get('seq_len')} "
-                f"programs {row.get('start')}+{row.get('n')}: {row.get('attempts')} attempts, "
-                f"last error: {error}"
+                f"programs {row.get('start')}+{row.get('n')}{counterfactual}: "
+                f"{row.get('attempts')} attempts, last error: {error}"
             )
     if t.failed == t.missing == 0:
         lines.append(f"complete: {t.done} of {n} shards done")

@@ -69,6 +69,13 @@ class Program:
         out["spans"] = {k: [s, e] for k, (s, e) in self.spans.items()}
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Program":
+        """The program `to_dict` wrote (spans back to tuples)."""
+        spans = {k: (int(s), int(e)) for k, (s, e) in data.get("spans", {}).items()}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "spans": spans})
+
     @property
     def program(self) -> str:
         """The statements without the query line (for templates that restate the question)."""

@@ -24,10 +24,17 @@ from orchestrator.tasks.base import Program, program_rng, replace_at
 from orchestrator.tasks.binding import DIGITS, NAME, chain_of
 from orchestrator.tasks.errors import parse_lines
 
-KINDS: tuple[str, ...] = ("root_value", "query_swap", "distractor", "reassign")
+ROOT_VALUE = "root_value"
+KINDS: tuple[str, ...] = (ROOT_VALUE, "query_swap", "distractor", "reassign")
 # The kinds after which the answer is the clean one (controls): their `cf_answer` is `answer`.
 SAME_ANSWER: tuple[str, ...] = ("distractor", "reassign")
 LABELS = {"distractor": "distractor_rhs", "reassign": "stale_rhs"}
+# Why `variant` returns None for a program (the reason recorded when patching skips it).
+NONE_BECAUSE = {
+    "query_swap": "every other variable has the answer's value",
+    "distractor": "every digit is on the queried chain",
+    "reassign": "no variable of the queried chain is assigned a digit before the binding it reads",
+}
 
 
 def run_binding(text: str, query: str) -> str:

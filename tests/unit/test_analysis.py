@@ -262,7 +262,9 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
         "attribution_heatmap",
         "routing_map",
         "error_kinds",
-    }, "tested in test_attribution_analysis.py, test_knockout_analysis.py and below"
+        "counterfactual_heatmap",
+    }, "tested in test_attribution_analysis.py, test_knockout_analysis.py, below and in "
+    "test_counterfactual_analysis.py"
     for name in expected:
         sql, draw = CHARTS[name]
         chart = draw(queries.run(con, sql))

@@ -42,3 +42,29 @@ def test_every_snapshot_loads_offline(folder: str) -> None:
     assert model.config.model_type == "llama" and model.config.num_hidden_layers >= 4
     ids = tokenizer("a=5\n#a:")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) == 8, "char-level, <s> first"
+
+
+def test_the_distractor_control_moves_nothing_the_root_value_moves() -> None:
+    """On the shipped model, patching the root's digit from its root-value counterfactual moves
+    the answer fully (resid_pre, layers 0-3); patching from the distractor control moves no cell
+    of the same programs by more than a tenth of that (measured: at most 0.006 in the mean of a
+    cell over 45 programs, `specs/counterfactuals.yaml`)."""
+    from actors import Patcher, load_model
+
+    lm = load_model(str(SHIPPED), dtype="float32", quantization="none")
+    programs = [
+        p
+        for p in iter_programs("binding", seed=0, seq_len=16, n=40, style="paper")
+        if not p.heuristic
+    ][:12]
+    patcher = Patcher(lm)
+    mean = {}
+    for kind in ("root_value", "distractor"):
+        rows = patcher.patch(
+            programs, sites=["resid_pre"], positions="targets", counterfactual=kind
+        ).to_pandas()
+        rows = rows[rows["top1_correct"] & rows["cf_top1_correct"]]
+        assert rows["program"].nunique() >= 8, kind
+        mean[kind] = rows.groupby(["layer", "label"])["norm_effect"].mean()
+    assert (mean["root_value"].loc[[0, 1, 2, 3], "ref_depth_1_rhs"] > 0.9).all()
+    assert mean["distractor"].abs().max() < 0.1, mean["distractor"].abs().sort_values().tail()

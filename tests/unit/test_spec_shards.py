@@ -96,6 +96,16 @@ def test_valid_spec_is_frozen() -> None:
             "experiments.patching.metric = 'logprob': Input should be 'first_token' or "
             "'answer_logprob'",
         ),
+        (
+            {"tasks__1__counterfactual": "distractor"},
+            "tasks.1: counterfactual ['distractor'] is defined for binding programs only, not "
+            "range; fix: use root_value for this task",
+        ),
+        (
+            {"tasks__0__counterfactual": "swap"},
+            "tasks.0.counterfactual = 'swap': unknown counterfactual kind 'swap'; fix: use one "
+            "of ['root_value', 'query_swap', 'distractor', 'reassign']",
+        ),
     ],
 )
 def test_bad_specs_name_field_value_and_fix(changes, message) -> None:
@@ -141,6 +151,11 @@ def test_shards_expand_and_count() -> None:
     assert len(covered) == 2 * (2 * 10 + 3), "every program of every model, once"
     layers = {s.layers for s in shards if s.model == "org/model-a" and s.kind == "patching"}
     assert layers == {(0, 1, 2), (3, 4, 5), (6,)}
+    # Each counterfactual kind of a task has patching shards of its own; behaviour has none.
+    kinds = spec_with(tasks__0__counterfactual=["root_value", "query_swap", "distractor"])
+    counted = count_shards(kinds, N_LAYERS)
+    assert counted == {"behavior": counts["behavior"], "patching": 3 * counts["patching"]}
+    assert len(list(iter_shards(kinds, N_LAYERS))) == sum(counted.values())
 
 
 def test_shard_ids_are_stable_and_depend_only_on_what_changes_rows() -> None:

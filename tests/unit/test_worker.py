@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from actors.patching import Patcher
 from actors.targets import encode_program
 from actors.worker import SKIPPED_SCHEMA, ModelWorker
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
@@ -253,3 +254,85 @@ def test_worker_runs_a_knockout_shard(spec_and_shards, scope) -> None:
     assert halving.tried == [16, 8, 4]
     with pytest.raises(ShardOutOfMemory, match="out of memory at one knockout per forward"):
         KnockoutOom(config, above=0).run(shard)
+
+
+# -- counterfactual kinds -------------------------------------------------------------------
+
+
+def _with_distractor(spec):
+    """The fixture's spec with binding patched against root_value and distractor, and the
+    distractor patching shard at resid_pre."""
+    data = spec.model_dump()
+    data["tasks"][0]["counterfactual"] = ["root_value", "distractor"]
+    both = parse_spec(data)
+    shards = iter_shards(both, {spec.models[0].id: 2})
+    shard = next(s for s in shards if s.counterfactual == "distractor" and s.site == "resid_pre")
+    return both, shard
+
+
+class RecordingPatcher(Patcher):
+    """Stands in for `Patcher` (no model): keeps the keyword arguments of each `patch` call."""
+
+    def __init__(self) -> None:  # no super().__init__: nothing is patched
+        self.calls: list[dict] = []
+        self.skipped: list = []
+        self.batch_size = 64
+
+    def patch(self, programs, **kwargs) -> pa.Table:
+        self.calls.append({"programs": [p.index for p in programs], **kwargs})
+        return pa.table({"program": [p.index for p in programs]})
+
+
+def test_the_worker_asks_the_patcher_for_the_shards_counterfactual(spec_and_shards) -> None:
+    spec, shards = spec_and_shards
+    both, shard = _with_distractor(spec)
+    worker = ModelWorker(WorkerConfig.of(both, both.models[0].id, threads=1))
+    patcher = RecordingPatcher()
+    root = next(s for s in shards if s.kind == "patching" and s.site == "resid_pre")
+    for s in (root, shard):
+        worker._patch(patcher, worker.programs(s), s)
+    assert [c["counterfactual"] for c in patcher.calls] == ["root_value", "distractor"]
+    assert patcher.calls[1] == {
+        "programs": [0, 1],
+        "sites": ["resid_pre"],
+        "layers": [0, 1],
+        "positions": "all",
+        "answer_prefix": "auto",
+        "counterfactual": "distractor",
+    }
+
+
+def test_worker_runs_a_distractor_patching_shard(spec_and_shards) -> None:
+    """Needs `Patcher.patch(..., counterfactual=)` (a TypeError until it takes it). Program 0
+    has no digit off its queried chain: it is skipped, with a reason; program 1 is patched."""
+    from orchestrator.tasks.counterfactuals import variant
+
+    spec, _ = spec_and_shards
+    both, shard = _with_distractor(spec)
+    worker = ModelWorker(WorkerConfig.of(both, both.models[0].id, threads=1))
+    programs = worker.programs(shard)
+    assert [variant(p, "distractor") is not None for p in programs] == [False, True]
+    result = worker.run(shard)
+    assert set(result.table.column("program").to_pylist()) == {1}
+    assert result.skipped.column("program").to_pylist() == [0]
+    assert all(result.skipped.column("reason").to_pylist())
+
+
+def test_the_plan_counts_every_counterfactual_kind(spec_and_shards) -> None:
+    """Each kind is counted as root_value's work (an estimate: a kind may skip programs)."""
+    from orchestrator.plan import make_plan
+
+    spec, _ = spec_and_shards
+    both, _ = _with_distractor(spec)
+    layers = {spec.models[0].id: 2}
+    one, two = make_plan(spec, layers), make_plan(both, layers)
+    assert one.patch_rows > 0 and two.shards["patching"] == 2 * one.shards["patching"]
+    assert (two.patch_rows, two.free_rows, two.token_layers) == (
+        2 * one.patch_rows,
+        2 * one.free_rows,
+        2 * one.token_layers,
+    )
+    assert (two.attribution_cells, two.knockout_rows) == (
+        one.attribution_cells,
+        one.knockout_rows,
+    ), "patching only"
