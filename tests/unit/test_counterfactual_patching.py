@@ -13,6 +13,7 @@ from orchestrator.tasks import generate, get_family, iter_programs
 from orchestrator.tasks.counterfactuals import KINDS, SAME_ANSWER, variant
 from tests import reference
 from tests.tiny import save_tiny_model
+from tests.unit.test_counterfactuals import hand_made
 
 
 @pytest.fixture(scope="module")
@@ -135,25 +136,9 @@ def test_a_control_is_scaled_by_its_root_counterfactual(models, metric: str) -> 
 
 
 def test_programs_without_the_kind_are_skipped_with_the_reason(models) -> None:
-    # a=1 / b=a / a=7 / c=b / #c:  -> c is 1, read from a's first binding; nothing overwrites a
-    # chain variable before the binding it reads, so there is no `reassign` counterfactual.
-    base = generate("binding", 0, 4, 0, style="paper")
-    text = "a=1\nb=a\na=7\nc=b\n#c:"
-    hand = base.__class__(
-        task="binding",
-        seq_len=4,
-        index=0,
-        seed=0,
-        text=text,
-        answer="1",
-        query="c",
-        cf_text=text[:2] + "2" + text[3:],
-        cf_answer="2",
-        depth=3,
-        root_line=1,
-        heuristic=True,
-        spans={"ref_depth_1_rhs": (2, 3), "query_var": (17, 18), "final_colon": (18, 19)},
-    )
+    # c is read from a's first binding; nothing overwrites a chain variable before the binding
+    # it reads, so there is no `reassign` counterfactual.
+    hand = hand_made()
     assert variant(hand, "reassign") is None and variant(hand, "distractor") is not None
     patcher = Patcher(load_model(models["llama"], dtype="float32", quantization="none"))
     table = patcher.patch([hand, *programs(1)], layers=[0], counterfactual="reassign")

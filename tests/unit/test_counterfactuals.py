@@ -4,7 +4,7 @@ and labelled, deterministic."""
 
 import pytest
 
-from orchestrator.tasks import generate, iter_programs
+from orchestrator.tasks import Program, generate, iter_programs
 from orchestrator.tasks.counterfactuals import KINDS, LABELS, SAME_ANSWER, run_binding, variant
 
 STYLES = ("paper", "seed")
@@ -44,12 +44,10 @@ def test_each_kind_runs_with_its_claimed_answer(kind, style) -> None:
     assert found >= (10 if kind == "reassign" else 100), (kind, found)
 
 
-def test_a_hand_made_program_of_each_kind() -> None:
-    # a=1 / b=a / a=7 / c=b / #c:  -> c is 1, read through b from the first binding of a.
-    base = generate("binding", 0, 4, 0, style="paper")
+def hand_made() -> Program:
+    """a=1 / b=a / a=7 / c=b / #c:  -> c is 1, read through b from the first binding of a."""
     text = "a=1\nb=a\na=7\nc=b\n#c:"
-    spans = {"ref_depth_1_rhs": (2, 3), "query_var": (17, 18), "final_colon": (18, 19)}
-    program = base.__class__(
+    return Program(
         task="binding",
         seq_len=4,
         index=0,
@@ -62,9 +60,13 @@ def test_a_hand_made_program_of_each_kind() -> None:
         depth=3,
         root_line=1,
         heuristic=True,
-        spans=spans,
+        spans={"ref_depth_1_rhs": (2, 3), "query_var": (17, 18), "final_colon": (18, 19)},
     )
-    assert run_binding(text, "c") == "1"
+
+
+def test_a_hand_made_program_of_each_kind() -> None:
+    program = hand_made()
+    assert run_binding(program.text, "c") == "1"
     swap = variant(program, "query_swap")
     assert swap.cf_text.endswith("#a:") and swap.cf_answer == "7"
     distractor = variant(program, "distractor")
