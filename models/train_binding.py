@@ -20,7 +20,8 @@ stored. Two things make the lookup learnable on a CPU budget:
 The run directory holds `checkpoint.pt` (model, optimizer, curriculum, step) written at every
 evaluation, so a run can be stopped and resumed; `log.jsonl` holds the learning curve. The best
 model so far (by held-out accuracy on `max_seq_len`-line programs) is exported to `out_dir`, and
-the first model to reach each `snapshot_at` accuracy is kept as `<out_dir>-step<N>`.
+the model at each of `snapshot_steps` (log-spaced by default), and the first to reach each
+`snapshot_at` accuracy, is kept as `<out_dir>-step<N>`, its log row in its `training_state.json`.
 
 On a GPU the model is small enough that drawing programs is the bottleneck: `data_workers`
 processes draw the next batches (the same ones, in the same order) while the GPU trains, and
@@ -41,6 +42,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
@@ -115,8 +117,29 @@ class TrainConfig(BaseModel):
     decay_start: int = 0
     decay_steps: int = 0
     lr_min: float = 0.0
-    # Keep a copy of the first model past each held-out accuracy, as `<out_dir>-step<N>`.
-    snapshot_at: dict[str, float] = {"acc55": 0.55, "acc80": 0.8}
+    # Keep a copy of the model at these steps, as `<out_dir>-step<N>`, evaluated there (its
+    # log row is in its `training_state.json`): a list, or `log` for `log_steps`: two per
+    # octave from `eval_every` to `max_steps`.
+    snapshot_steps: list[int] | Literal["log"] = "log"
+    # And of the first model past each held-out accuracy (runs before `snapshot_steps`).
+    snapshot_at: dict[str, float] = {}
+
+    def snapshot_plan(self) -> list[int]:
+        """The steps at which the run keeps a snapshot."""
+        if self.snapshot_steps == "log":
+            return log_steps(self.eval_every, self.max_steps)
+        return sorted(set(self.snapshot_steps))
+
+
+def log_steps(first: int, last: int, per_octave: int = 2) -> list[int]:
+    """Steps from `first` to `last`, `per_octave` per doubling, each rounded to two significant
+    digits: 500, 700, 1000, 1400, 2000, 2800, 4000, ..."""
+    steps, k = [], 0
+    while (x := first * 2 ** (k / per_octave)) <= last:
+        digits = max(0, len(str(int(x))) - 2)
+        steps.append(int(round(x / 10**digits)) * 10**digits)
+        k += 1
+    return sorted(set(steps))
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -409,14 +432,17 @@ class Trainer:
         self.model.train()
         return accuracy_report(self.eval_programs, preds)
 
-    def export(self, folder: Path) -> None:
+    def export(self, folder: Path, row: dict | None = None) -> None:
+        """The model in Hugging Face format, with `training_state.json`: its step, stage,
+        config and (`row`) its evaluation's log row."""
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         self.tokenizer.save_pretrained(tmp)
-        (tmp / "training_state.json").write_text(
-            json.dumps({"step": self.step, "stage": self.stage, "config": self.cfg.model_dump()})
-        )
+        state = {"step": self.step, "stage": self.stage, "config": self.cfg.model_dump()}
+        if row is not None:
+            state["log"] = row
+        (tmp / "training_state.json").write_text(json.dumps(state))
         for name in ("README.md", "eval.json"):  # the card, until it is written anew
             if (folder / name).exists():
                 shutil.copy(folder / name, tmp / name)
@@ -484,6 +510,7 @@ class Trainer:
         log_path = self.run_dir / "log.jsonl"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = time.time() - self.wall_s
+        snapshot_steps = set(cfg.snapshot_plan())
         bar = tqdm(initial=self.step, total=max_steps, desc="train", dynamic_ncols=True)
         while self.step < max_steps:
             loss, acc = self.train_step()
@@ -508,7 +535,8 @@ class Trainer:
                     bar.total = max_steps
                 if now >= deadline:
                     max_steps = self.step
-            if self.step % cfg.eval_every == 0 or self.step == max_steps:
+            snapshot = self.step in snapshot_steps
+            if self.step % cfg.eval_every == 0 or self.step == max_steps or snapshot:
                 report = self.evaluate()
                 row = {
                     "step": self.step,
@@ -526,11 +554,13 @@ class Trainer:
                 bar.write(json.dumps(row))
                 if report["all"] > self.best:
                     self.best = report["all"]
-                    self.export(Path(cfg.out_dir))
+                    self.export(Path(cfg.out_dir), row)
                 for phase, threshold in cfg.snapshot_at.items():
                     if phase not in self.snapshots and report["all"] >= threshold:
                         self.snapshots[phase] = self.step
-                        self.export(Path(f"{cfg.out_dir}-step{self.step}"))
+                        snapshot = True
+                if snapshot:
+                    self.export(Path(f"{cfg.out_dir}-step{self.step}"), row)
                 self._save()
         bar.close()
         if self.prefetch is not None:  # a later run() draws in-process

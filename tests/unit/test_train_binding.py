@@ -16,6 +16,7 @@ from models.train_binding import (
     Trainer,
     draw_batch,
     learning_rate,
+    log_steps,
 )
 
 
@@ -35,6 +36,7 @@ def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
         advance_window=2,
         threads=1,
         snapshot_at={},
+        snapshot_steps=[],
         stages=[
             Stage(name="recall", max_depth=1, min_len=2, max_len=4, advance_at=0.0),
             Stage(name="full", max_depth=2, min_len=2, max_len=6, advance_at=2.0),
@@ -106,3 +108,26 @@ def test_a_session_fitted_to_a_time_budget_logs_its_schedule_and_stops(tmp_path)
     assert log[-1]["step"] == trainer.step, "the session ends with an evaluation"
     saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=False)
     assert saved["step"] == trainer.step and saved["config"]["decay_start"] == cfg.decay_start
+
+
+def test_log_steps_are_two_per_octave_rounded() -> None:
+    assert log_steps(500, 12_847) == [500, 710, 1000, 1400, 2000, 2800, 4000, 5700, 8000, 11000]
+    assert log_steps(3, 10) == [3, 4, 6, 8]
+    cfg = TrainConfig(eval_every=500, max_steps=2000)
+    assert cfg.snapshot_plan() == [500, 710, 1000, 1400, 2000], "log by default"
+
+
+def test_snapshots_at_their_steps_carry_their_log_row(tmp_path) -> None:
+    """A snapshot is kept at each of `snapshot_steps`, evaluated there even off the evaluation
+    grid, and its training_state.json holds the step and the log row written at that step."""
+    cfg = tiny_config(tmp_path, snapshot_steps=[2, 4], eval_every=3)
+    Trainer(cfg).run(6)
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3, 4, 6]
+    for step in (2, 4):
+        folder = tmp_path / f"out-step{step}"
+        state = json.loads((folder / "training_state.json").read_text())
+        assert state["step"] == step
+        assert state["log"] == next(r for r in log if r["step"] == step)
+        assert AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers == 2
+    assert sorted(p.name for p in tmp_path.glob("out-step*")) == ["out-step2", "out-step4"]
