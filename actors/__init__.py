@@ -18,16 +18,19 @@ from actors.attribution import Attributor
 from actors.knockout import KNOCKOUT_SCHEMA, Knocker
 from actors.loading import LoadedModel, load_model
 from actors.patching import PATCHING_SCHEMA, Patcher
+from actors.probes import PROBES_SCHEMA, Prober
 
 __all__ = [
     "KNOCKOUT_SCHEMA",
     "PATCHING_SCHEMA",
+    "PROBES_SCHEMA",
     "SITES",
     "ArchMap",
     "Attributor",
     "Knocker",
     "LoadedModel",
     "Patcher",
+    "Prober",
     "arch_map",
     "load_model",
 ]

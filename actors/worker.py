@@ -3,17 +3,19 @@
 A plain class (the orchestrator makes it a Ray actor in one place). It speaks the typed
 protocol of `orchestrator.protocol`: built from a `WorkerConfig`, `run(Shard)` regenerates the
 shard's programs from (seed, task, seq_len, indices) — programs never cross Ray — and returns a
-`ShardResult` of Arrow tables.
+`ShardResult` of Arrow tables. Every table it returns, whatever the kind (and the skipped
+programs'), ends with a `step` column: the model's training step, null where the spec gives none,
+so that rows of the checkpoints of one training run can be compared.
 
-Out of memory, the same for patching, attribution and knockout: with a whole-number
-`batch_size` the worker halves its batch (patches, programs per forward and backward, or
-knockouts) and tries again, and at a batch of one raises `ShardOutOfMemory`, so the driver
-splits the shard. With `batch_size: auto` the patcher, attributor or knocker already sizes and
-shrinks its batches, and re-raises only when one does not fit: the worker then raises
-`ShardOutOfMemory` at once.
+Out of memory, the same for patching, attribution, knockout and probes: with a whole-number
+`batch_size` the worker halves its batch (patches, programs per forward and backward,
+knockouts, or programs per forward) and tries again, and at a batch of one raises
+`ShardOutOfMemory`, so the driver splits the shard. With `batch_size: auto` the patcher,
+attributor or knocker already sizes and shrinks its batches, and re-raises only when one does
+not fit: the worker then raises `ShardOutOfMemory` at once.
 
 Tests inject faults through a subclass (`tests/integration/faults.py`), which overrides
-`run`, `_patch`, `_attribute` or `_knock`; nothing here reads a fault switch.
+`run`, `_patch`, `_attribute`, `_knock` or `_probe`; nothing here reads a fault switch.
 """
 
 import logging
@@ -49,6 +51,15 @@ SKIPPED_SCHEMA = pa.schema(
         ("counterfactual", pa.string()),
     ]
 )
+# Appended to every table a shard returns (`with_step`).
+STEP_FIELD = pa.field("step", pa.int64())
+
+
+def with_step(table: pa.Table, step: int | None) -> pa.Table:
+    """`table` with a last column `step`: the model's training step on every row (null when
+    the model has none)."""
+    assert STEP_FIELD.name not in table.column_names, f"a step column already: {table.schema}"
+    return table.append_column(STEP_FIELD, pa.array([step] * table.num_rows, pa.int64()))
 
 
 def _node_id() -> str | None:
@@ -73,16 +84,16 @@ class ModelWorker:
         self._patcher: Patcher | None = None
         self._attributor: Attributor | None = None
         self._knocker: Knocker | None = None
+        self._prober: Any = None  # actors.probes.Prober, made by the first probes shard
         self._scorer: Any = None
         behavior = config.behavior
         backend = behavior.backend if behavior is not None else "hf"
         self.backend = (
             "vllm" if backend == "vllm" or (backend == "auto" and vllm_available()) else "hf"
         )
-        intervenes = any(
-            getattr(config, kind) is not None for kind in ("patching", "attribution", "knockout")
-        )
-        if intervenes or (behavior is not None and self.backend == "hf"):
+        on_weights = ("patching", "attribution", "knockout", "probes")  # kinds run here, on HF
+        needs_model = any(getattr(config, kind) is not None for kind in on_weights)
+        if needs_model or (behavior is not None and self.backend == "hf"):
             self._load()
 
     def _load(self) -> LoadedModel:
@@ -115,12 +126,13 @@ class ModelWorker:
         """Run one shard.
 
         Returns:
-            Its rows, and for the interventions the programs left out, with why.
+            Its rows, and for every kind but behaviour the programs left out, with why; both
+            with the model's `step` as their last column.
 
         Raises:
             ShardOutOfMemory: a patching or knockout shard that does not fit one row per
-                forward, or an attribution shard that does not fit one program per forward and
-                backward.
+                forward, an attribution shard that does not fit one program per forward and
+                backward, or a probes shard that does not fit one program per forward.
         """
         start = time.perf_counter()
         programs = self.programs(shard)
@@ -131,11 +143,14 @@ class ModelWorker:
             table, skipped = self._patching(shard, programs)
         elif shard.kind == "attribution":
             table, skipped = self._attribution(shard, programs)
-        else:
+        elif shard.kind == "knockout":
             table, skipped = self._knockout(shard, programs)
+        else:
+            table, skipped = self._probes(shard, programs)
+        step = self.config.model.step
         return ShardResult(
-            table=table,
-            skipped=skipped,
+            table=with_step(table, step),
+            skipped=with_step(skipped, step),
             seconds=time.perf_counter() - start,
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -245,6 +260,39 @@ class ModelWorker:
         )
         return table, self._skipped(knocker.skipped)
 
+    def _probe(self, prober: Any, programs: list[Program], shard: Shard) -> pa.Table:
+        """One attempt at the shard with the prober's current batch size (tests override this
+        to run out of memory on purpose)."""
+        spec = self.config.probes
+        assert spec is not None and shard.layers is not None, shard
+        prober.skipped = []  # a retry after out of memory starts its list afresh
+        return prober.probe(
+            programs, layers=list(shard.layers), labels=spec.labels, seed=self.config.seed
+        )
+
+    def _probes(self, shard: Shard, programs: list[Program]) -> tuple[pa.Table, pa.Table]:
+        spec = self.config.probes
+        assert spec is not None, "a probes shard reached a worker without its settings"
+        if self._prober is None:
+            # Imported on first use: a worker that fits no probes never needs it.
+            from actors.probes import Prober
+
+            self._prober = Prober(
+                self._load(),
+                batch_size=spec.batch_size,
+                l2=spec.l2,
+                train_fraction=spec.train_fraction,
+            )
+        prober = self._prober
+        table = self._fit(
+            prober,
+            spec.batch_size,
+            lambda: self._probe(prober, programs, shard),
+            f"shard {shard.file_stem}: out of memory at one program per forward",
+            shard,
+        )
+        return table, self._skipped(prober.skipped)
+
     def _fit(
         self,
         tool: Any,
@@ -256,7 +304,8 @@ class ModelWorker:
         """`attempt()` with `tool.batch_size` set from `batch`, halving it on out of memory.
 
         Args:
-            tool: the patcher or attributor (its `batch_size` is set before each attempt).
+            tool: the patcher, attributor, knocker or prober (its `batch_size` is set before
+                each attempt).
             batch: the spec's batch size; `auto` leaves the tool's own sizing alone.
             attempt: runs the shard once.
             too_big: the start of the message when not even a batch of one fits.

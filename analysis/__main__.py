@@ -6,7 +6,7 @@ python -m analysis RESULTS_DIR                 # summary tables, the prompt chec
 python -m analysis RESULTS_DIR --sql "SELECT model, avg(correct::INT) FROM behavior GROUP BY 1"
 python -m analysis RESULTS_DIR --shell         # type SQL at a prompt; views: programs,
                                                # behavior, patching, attribution,
-                                               # knockout, skipped
+                                               # knockout, probes, skipped
 """
 
 import argparse
@@ -32,6 +32,10 @@ CHARTS = {
     "routing_map": (queries.ROUTING_MAP, charts.routing_map),
     # rows only where some (model, site) was patched from a kind besides the root value
     "counterfactual_heatmap": (queries.COUNTERFACTUAL_BY_LABEL, charts.counterfactual_heatmap),
+    # rows only where the models have a training step (checkpoints); probes: where probed
+    "accuracy_by_step": (queries.ACCURACY_BY_STEP, charts.accuracy_by_step),
+    "root_effect_by_step": (queries.ROOT_EFFECT_BY_STEP, charts.root_effect_by_step),
+    "probes_by_step": (queries.PROBES_BY_STEP, charts.probes_by_step),
 }
 
 
@@ -78,6 +82,56 @@ def root_heads(con: duckdb.DuckDBPyConnection, include_all: bool) -> str | None:
         )
         lines.append(f"  {model}: {cells}")
     return "\n".join(lines)
+
+
+def _dashes(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with its missing values (a step or layer that none reached) printed as `-`."""
+    out = df.copy()
+    for column in out.columns[out.isna().any()]:
+        values = out[column]
+        if pd.api.types.is_float_dtype(values):
+            out[column] = values.map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
+        else:
+            out[column] = values.astype(object).where(values.notna(), "-")
+    return out
+
+
+def trajectory_tables(con: duckdb.DuckDBPyConnection, include_all: bool) -> list[str]:
+    """The numbers across training: where the shortcut leads most, when the root's value moves
+    down the chain, from which layer a probe reads the answer, and each probe's best layer; each
+    table only where its query has rows."""
+    kept = "all programs" if include_all else queries.KEPT_DESCRIPTION
+    tables = [
+        (
+            queries.SHORTCUT_PEAK,
+            "shortcut peak: per run, the step where binding accuracy with the root on line 1-2 "
+            "most exceeds accuracy with it later (gap), over every depth",
+        ),
+        (
+            queries.CHAIN_MOVE,
+            f"chain move ({kept}): per run, the first step at which patching the root value at "
+            f"{queries.CHAIN_MOVE_LABEL} (resid_pre) moves some layer's mean norm_effect above "
+            f"{queries.CHAIN_MOVE_EFFECT}, and the layer of its largest (-: no step does; "
+            "max_effect: the largest over every step)",
+        ),
+        (
+            queries.PROBE_FIRST_LAYER,
+            f"probe first layer: per checkpoint, the first layer from which a linear probe at "
+            f"{queries.PROBE_LABEL} reads the {queries.PROBE_TARGET} with held-out accuracy above "
+            f"{queries.PROBE_ACCURACY} (-: no layer does; selectivity: above the control task)",
+        ),
+        (
+            queries.PROBE_BEST_LAYER,
+            "probes: the most accurate layer per label at each step (selectivity: accuracy above "
+            "the control task's; n_test summed over shards)",
+        ),
+    ]
+    out = []
+    for sql, title in tables:
+        df = queries.run(con, sql, include_all=include_all)
+        if len(df):
+            out.append(title + "\n" + show(_dashes(df), "table"))
+    return out
 
 
 def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
@@ -133,6 +187,7 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
     heads = root_heads(con, include_all)
     if heads:
         out.append(heads)
+    out.extend(trajectory_tables(con, include_all))
     check = prompts.prompt_check(con)
     if check:
         out.append(prompts.format_prompt_check(check))
@@ -141,7 +196,7 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
 
 def shell(con: duckdb.DuckDBPyConnection, fmt: str) -> int:
     print(
-        "views: programs, behavior, patching, attribution, knockout, skipped. "
+        "views: programs, behavior, patching, attribution, knockout, probes, skipped. "
         "End a query with ';'. Ctrl-D quits."
     )
     buffer = ""

@@ -1,5 +1,5 @@
 """DuckDB views over a results directory: `programs`, `behavior`, `patching`, `attribution`,
-`knockout`, `skipped`.
+`knockout`, `probes`, `skipped`.
 
 Reads only complete shard files (the writers rename into place; temporaries live in `.tmp/`,
 outside these globs), so it works on a run that is still being written. Schemas are unioned by
@@ -9,12 +9,17 @@ over the file's own columns: its old name, or what the column meant before it wa
 NULL where there is none; where files of both versions are read together, each row reads its
 own value, else the fallback.
 
-The folders are hive-partitioned (`model=<m>/site=<s>`; knockout's `model=<m>/scope=<s>`), but
-the path holds the model id *escaped* for file names (`Qwen--Qwen3-0.6B`), while every file
-carries the real values of its partition columns (`model` = `Qwen/Qwen3-0.6B`). DuckDB lets a
-hive key override the file's own column of the same name, so the views read the files' columns
-(`hive_partitioning = false`); filters on them still skip data through Parquet row-group
-statistics.
+Every view but `programs` ends with `step`: the training step of the row's model, which the
+worker appends to every table it writes (models in a sweep may be checkpoints of one training
+run, each its own model id). It is NULL for a model without one and in files written before the
+column, which have no fallback.
+
+The folders are hive-partitioned (`model=<m>/site=<s>`; knockout's `model=<m>/scope=<s>`,
+probes' `model=<m>/task=<t>`), but the path holds the model id *escaped* for file names
+(`Qwen--Qwen3-0.6B`), while every file carries the real values of its partition columns (`model`
+= `Qwen/Qwen3-0.6B`). DuckDB lets a hive key override the file's own column of the same name, so
+the views read the files' columns (`hive_partitioning = false`); filters on them still skip data
+through Parquet row-group statistics.
 """
 
 from pathlib import Path
@@ -52,9 +57,20 @@ EMPTY = {
     "clean_answer VARCHAR, cf_answer VARCHAR, answer_prefix VARCHAR, top1_correct BOOLEAN, "
     "clean_logit_diff FLOAT, cf_logit_diff FLOAT, knocked_logit_diff FLOAT, effect FLOAT, "
     "norm_effect FLOAT, top1_changed BOOLEAN, counterfactual VARCHAR",
+    # One row per probe fitted: a shard's programs x layer x position label, the held-out
+    # accuracy of a linear probe on the residual stream entering `layer` for `target`
+    # (`root_value` at `ref_depth_<k>_rhs`, `answer` at `final_colon`), beside a control task's
+    # (labels a random function of the position's variable, Hewitt & Liang) and majority-class
+    # chance.
+    "probes": "model VARCHAR, task VARCHAR, seq_len INTEGER, layer INTEGER, label VARCHAR, "
+    "target VARCHAR, accuracy FLOAT, control_accuracy FLOAT, chance FLOAT, "
+    "control_chance FLOAT, n_train INTEGER, n_test INTEGER, n_classes INTEGER",
     "skipped": "model VARCHAR, task VARCHAR, seq_len INTEGER, program BIGINT, reason VARCHAR, "
     "counterfactual VARCHAR",
 }
+# The model's training step ends every view but `programs` (which has no model): no fallback, so
+# files written before it, and models without one, read NULL.
+EMPTY |= {view: f"{columns}, step BIGINT" for view, columns in EMPTY.items() if view != "programs"}
 # Columns that older runs wrote under another name with the same meaning: the clean and the
 # counterfactual run's top-1 over the whole vocabulary is the answer's token.
 RENAMED = {
@@ -82,6 +98,7 @@ GLOBS = {
     "patching": "patching/**/*.parquet",
     "attribution": "attribution/**/*.parquet",
     "knockout": "knockout/**/*.parquet",
+    "probes": "probes/**/*.parquet",
     "skipped": "skipped/**/*.parquet",
 }
 

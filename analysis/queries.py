@@ -19,6 +19,13 @@ Attribution aggregates compare the first-order estimates with exact patching. Th
 heatmap keeps the programs patching keeps (the same filter, over `attribution`); the agreement
 of estimate and exact reads every verified cell (`exact` not NULL), of right and wrong
 programs alike: it judges the estimate against exact patching, not the model's answer.
+
+Trajectory aggregates (`*_BY_STEP` and the summary's `SHORTCUT_PEAK`, `CHAIN_MOVE`,
+`PROBE_FIRST_LAYER`) follow the mechanism across training. Each checkpoint is its own model id
+(`models/binding-traj-step1000`) with its training `step`; `run` is the model id without its
+`-step<N>` suffix, so that a sweep over two training runs' checkpoints draws one series per run.
+Behaviour and patching ones read only models with a step; probe ones read every model (step
+NULL, sorted last, for one without), a probe's layer profile being worth reading at one step too.
 """
 
 import duckdb
@@ -417,6 +424,165 @@ FROM routes
 WHERE source = 'ref_depth_1_rhs' AND scope = 'answer' AND mean_effect IS NOT NULL
 QUALIFY row_number() OVER (PARTITION BY model ORDER BY abs(mean_effect) DESC, layer, head) <= $k
 ORDER BY model, abs(mean_effect) DESC, layer, head
+"""
+)
+
+
+# The training run a checkpoint belongs to: its model id without the `-step<N>` suffix.
+RUN = "regexp_replace(model, '-step[0-9]+$', '')"
+
+# Binding accuracy by (run, step, model, depth, heuristic), over the models with a step.
+ACCURACY_BY_STEP = f"""
+SELECT {RUN} AS run, step, model, depth, heuristic, avg(correct::INTEGER) AS accuracy,
+       count(*) AS n
+FROM behavior
+WHERE task = 'binding' AND step IS NOT NULL
+GROUP BY run, step, model, depth, heuristic
+ORDER BY run, step, model, depth, heuristic
+"""
+
+# Patching the root value's counterfactual into the residual stream (`resid_pre`), over the kept
+# programs of each checkpoint: mean norm_effect by (run, step, model, layer, label).
+_ROOT_CELLS = {
+    "kept": _kept("patching"),
+    "cells": f"""
+    SELECT {RUN} AS run, step, model, site, layer, label, avg(norm_effect) AS mean_effect,
+           count(norm_effect) AS n
+    FROM kept
+    WHERE site = 'resid_pre' AND step IS NOT NULL
+    GROUP BY run, step, model, site, layer, label
+""",
+}
+ROOT_EFFECT_BY_STEP = (
+    _with(**_ROOT_CELLS) + "SELECT * FROM cells ORDER BY run, step, model, layer, label\n"
+)
+
+# Probes by (run, step, model, layer, label, target): a probe is fitted per shard (one task and
+# program length), so accuracies are averaged over shards and lengths weighted by their held-out
+# programs (`n_test`, summed); selectivity is accuracy above the control task's.
+_PROBED = f"""
+    SELECT {RUN} AS run, step, model, layer, label, target,
+           sum(accuracy::DOUBLE * n_test) / sum(n_test) AS accuracy,
+           sum(control_accuracy::DOUBLE * n_test) / sum(n_test) AS control_accuracy,
+           sum(chance::DOUBLE * n_test) / sum(n_test) AS chance,
+           sum(n_test)::BIGINT AS n_test
+    FROM probes
+    GROUP BY run, step, model, layer, label, target
+"""
+PROBES_BY_STEP = (
+    _with(probed=_PROBED)
+    + """
+SELECT run, step, model, layer, label, target, accuracy, control_accuracy,
+       accuracy - control_accuracy AS selectivity, chance, n_test
+FROM probed
+ORDER BY run, step NULLS LAST, model, label, target, layer
+"""
+)
+
+# Per (run, step, model, label, target), the layer whose probe is most accurate (ties: the
+# earliest).
+PROBE_BEST_LAYER = (
+    _with(probed=_PROBED)
+    + """
+SELECT run, step, model, label, target, layer, accuracy, control_accuracy,
+       accuracy - control_accuracy AS selectivity, chance, n_test
+FROM probed
+QUALIFY row_number() OVER (
+    PARTITION BY run, step, model, label, target ORDER BY accuracy DESC, layer
+) = 1
+ORDER BY run, step NULLS LAST, model, label, target
+"""
+)
+
+# Per run, the step at which binding accuracy on heuristic programs (root on line 1 or 2, where
+# "answer the constant of line 1-2" is right) most exceeds accuracy on the others, over every
+# depth: where the shortcut leads the lookup most (ties: the earliest step). Runs whose steps
+# lack either kind of program have no row.
+SHORTCUT_PEAK = f"""
+WITH accuracy AS (
+    SELECT {RUN} AS run, step, model,
+           avg(correct::INTEGER) FILTER (WHERE heuristic) AS heuristic_accuracy,
+           avg(correct::INTEGER) FILTER (WHERE NOT heuristic) AS non_heuristic_accuracy,
+           count(*) FILTER (WHERE heuristic) AS n_heuristic,
+           count(*) FILTER (WHERE NOT heuristic) AS n_non_heuristic
+    FROM behavior
+    WHERE task = 'binding' AND step IS NOT NULL
+    GROUP BY run, step, model
+)
+SELECT run, step, model, heuristic_accuracy, non_heuristic_accuracy,
+       heuristic_accuracy - non_heuristic_accuracy AS gap, n_heuristic, n_non_heuristic
+FROM accuracy
+WHERE heuristic_accuracy IS NOT NULL AND non_heuristic_accuracy IS NOT NULL
+QUALIFY row_number() OVER (PARTITION BY run ORDER BY gap DESC, step, model) = 1
+ORDER BY run
+"""
+
+# The root's value has moved down the chain once patching it at the second hop's right-hand side
+# (the variable the root is copied into) moves some layer's mean norm_effect above this: half of
+# the way from the clean answer to the counterfactual one.
+CHAIN_MOVE_LABEL = "ref_depth_2_rhs"
+CHAIN_MOVE_EFFECT = 0.5
+
+# Per run with CHAIN_MOVE_LABEL cells: the first step at which some layer's mean norm_effect there
+# exceeds CHAIN_MOVE_EFFECT, with the layer of its largest and that mean (ties: the earliest
+# layer); step, model, layer and mean_effect are NULL where no step does. `max_effect`: the
+# largest mean at the label over every step and layer; `steps`: the steps with cells there.
+CHAIN_MOVE = (
+    _with(
+        **_ROOT_CELLS,
+        hop=f"SELECT * FROM cells WHERE label = '{CHAIN_MOVE_LABEL}' AND mean_effect IS NOT NULL",
+        runs="""
+    SELECT run, max(mean_effect) AS max_effect, count(DISTINCT step) AS steps
+    FROM hop
+    GROUP BY run
+""",
+        moved=f"""
+    SELECT run, step, model, layer, mean_effect, n
+    FROM hop
+    WHERE mean_effect > {CHAIN_MOVE_EFFECT}
+    QUALIFY row_number() OVER (PARTITION BY run ORDER BY step, mean_effect DESC, layer) = 1
+""",
+    )
+    + """
+SELECT run, m.step, m.model, m.layer, m.mean_effect, m.n, r.max_effect, r.steps
+FROM runs AS r
+LEFT JOIN moved AS m USING (run)
+ORDER BY run
+"""
+)
+
+# The answer can be read off the final colon by a linear probe from the first layer whose
+# held-out accuracy exceeds this (the control task's accuracy and the selectivity are printed
+# beside it, to judge whether the probe reads the answer or memorizes).
+PROBE_ACCURACY = 0.9
+PROBE_LABEL, PROBE_TARGET = "final_colon", "answer"
+
+# Per (run, step, model) with PROBE_LABEL probes of PROBE_TARGET: the first layer whose accuracy
+# exceeds PROBE_ACCURACY, with its accuracies (NULL where no layer's does); `max_accuracy`: the
+# best layer's.
+PROBE_FIRST_LAYER = (
+    _with(
+        probed=_PROBED,
+        colon=f"""
+    SELECT * FROM probed
+    WHERE label = '{PROBE_LABEL}' AND target = '{PROBE_TARGET}' AND accuracy IS NOT NULL
+""",
+        checkpoints="""
+    SELECT run, step, model, max(accuracy) AS max_accuracy FROM colon GROUP BY run, step, model
+""",
+        crossing=f"""
+    SELECT * FROM colon
+    WHERE accuracy > {PROBE_ACCURACY}
+    QUALIFY row_number() OVER (PARTITION BY run, step, model ORDER BY layer) = 1
+""",
+    )
+    + """
+SELECT c.run, c.step, c.model, f.layer, f.accuracy, f.control_accuracy,
+       f.accuracy - f.control_accuracy AS selectivity, c.max_accuracy
+FROM checkpoints AS c
+LEFT JOIN crossing AS f
+  ON c.run = f.run AND c.step IS NOT DISTINCT FROM f.step AND c.model = f.model
+ORDER BY c.run, c.step NULLS LAST, c.model
 """
 )
 

@@ -137,7 +137,7 @@ def log_steps(first: int, last: int, per_octave: int = 2) -> list[int]:
     steps, k = [], 0
     while (x := first * 2 ** (k / per_octave)) <= last:
         digits = max(0, len(str(int(x))) - 2)
-        steps.append(int(round(x / 10**digits)) * 10**digits)
+        steps.append(round(x / 10**digits) * 10**digits)
         k += 1
     return sorted(set(steps))
 

@@ -50,8 +50,9 @@ def _run_parser() -> argparse.ArgumentParser:
     again.add_argument(
         "--extend",
         action="store_true",
-        help="run a spec that adds work (programs, lengths, models, layers, sites) into a "
-        "folder of the spec it extends, keeping every finished shard",
+        help="run a spec that adds work (programs, lengths, models, layers, sites; the new "
+        "folders a checkpoints glob matches) into a folder of the spec it extends, keeping "
+        "every finished shard",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument(
@@ -95,7 +96,7 @@ def status_main(argv: list[str]) -> int:
 def check_prompts_spec(data: dict[str, Any], n: int, output: Path) -> dict[str, Any]:
     """The spec `--check-prompts N` runs, derived from the user's (parsed YAML, validated).
 
-    Every task with `n` programs per length; behaviour only (patching and attribution are
+    Every task with `n` programs per length; behaviour only (every other experiment is
     dropped), with the spec's behaviour settings (or `behavior: {}`'s defaults) but on every
     task and `n` programs a shard; the run named `<run>-check-prompts` under `output`.
     Everything else (models, their options, seed, resources) as the user wrote it.

@@ -1,7 +1,7 @@
 """Checks of a valid spec against the world, run before anything is written.
 
-- `check_models`: each model's config is readable (no weights) and has the layers patching and
-  attribution ask for.
+- `check_models`: each model's config is readable (no weights) and has the layers patching,
+  attribution, knockout and probes ask for.
 - `check_backends`: the behaviour backend the spec names can be imported here.
 - `check_resources`: an actor of the spec fits on a node of the cluster just joined (so a sweep
   that could never place an actor fails at once, not after waiting forever).
@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orchestrator.protocol import INTERVENTIONS
+from orchestrator.protocol import LAYERED
 from orchestrator.spec import Spec, SpecError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
             continue
         layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
         n_layers[model.id] = int(layers)
-        for kind in INTERVENTIONS:
+        for kind in LAYERED:
             experiment = getattr(spec.experiments, kind)
             if experiment is None or experiment.layers is None:
                 continue

@@ -1,13 +1,14 @@
 """A run folder belongs to one spec: its identity, its hash, and what may change under `--extend`.
 
 The identity is everything that decides the folder's rows: the seed; each family's lengths,
-count, options and counterfactual kinds (when not root_value alone); each model's dtype and
-quantization; each experiment's row-deciding settings (template, backend, positions, metric,
-sites, layers, tasks; attribution's AtP* switches and `verify_top_k`), each model's answer
-prefix per task, and its shard layout (programs and layers per shard: a different layout gives
-different shard files over the same programs). It leaves out what only decides how fast rows
-come (batch sizes, resources) and where they go (`output`, `run`). Order does not matter: lists
-that are sets are sorted.
+count, options and counterfactual kinds (when not root_value alone); each model's dtype,
+quantization and training step (when it has one); each experiment's row-deciding settings
+(template, backend, positions, metric, sites, layers, tasks; attribution's AtP* switches and
+`verify_top_k`; probes' labels, train fraction and l2), each model's answer prefix per task, and
+its shard layout (programs and layers per shard: a different layout gives different shard files
+over the same programs). It leaves out what only decides how fast rows come (batch sizes,
+resources) and where they go (`output`, `run`). Order does not matter: lists that are sets are
+sorted.
 
 `run.json` stores the identity and its hash. A spec with another hash is refused, unless
 `--extend` and `extension_problems` finds the change only adds work: then every shard of the old
@@ -21,7 +22,7 @@ from typing import Any
 
 from orchestrator.protocol import KINDS
 from orchestrator.shards import iter_shards
-from orchestrator.spec import Spec, TaskSpec
+from orchestrator.spec import ModelSpec, Spec, TaskSpec
 
 HASH_LENGTH = 16
 MAX_DIFF_LINES = 12
@@ -40,8 +41,9 @@ SETTINGS: dict[str, tuple[str, ...]] = {
         "programs_per_shard",
     ),
     "knockout": ("layers_per_shard", "programs_per_shard"),
+    "probes": ("train_fraction", "l2", "programs_per_shard"),
 }
-SETS = ("sites", "scopes", "layers", "tasks")
+SETS = ("sites", "scopes", "layers", "tasks", "labels")
 
 
 def _experiment(kind: str, experiment: Any) -> dict[str, Any] | None:
@@ -63,19 +65,24 @@ def _task(task: TaskSpec) -> dict[str, Any]:
     return out
 
 
+def _model(spec: Spec, model: ModelSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "dtype": model.dtype,
+        "quantization": model.quantization,
+        "answer_prefix": {t.family: spec.answer_prefix(model.id, t.family) for t in spec.tasks},
+    }
+    # Only when there is one, so that specs from before training steps keep their hash.
+    if model.step is not None:
+        out["step"] = model.step
+    return out
+
+
 def identity(spec: Spec) -> dict[str, Any]:
     """The row-deciding content of a spec, as plain JSON-able data."""
     ident: dict[str, Any] = {
         "seed": spec.seed,
         "tasks": {t.family: _task(t) for t in spec.tasks},
-        "models": {
-            m.id: {
-                "dtype": m.dtype,
-                "quantization": m.quantization,
-                "answer_prefix": {t.family: spec.answer_prefix(m.id, t.family) for t in spec.tasks},
-            }
-            for m in spec.models
-        },
+        "models": {m.id: _model(spec, m) for m in spec.models},
     }
     for kind in KINDS:
         experiment = getattr(spec.experiments, kind)

@@ -1,9 +1,9 @@
 """The plan printed before a sweep: models, programs, shards by kind, the patching work as the
 engine will plan it (`actors.plan`): patch rows, the share that needs no forward, and the
 token-layers the passes compute, for each counterfactual kind of each task; the attribution
-work: the cells it estimates and the exact patches `verify_top_k` adds; and the knockouts.
-Counted on a sample of programs tokenized by each model's own tokenizer, scaled to the task's
-`n`; configs and tokenizers only, no weights."""
+work: the cells it estimates and the exact patches `verify_top_k` adds; the knockouts; and the
+programs the probes read. Counted on a sample of programs tokenized by each model's own
+tokenizer, scaled to the task's `n`; configs and tokenizers only, no weights."""
 
 import dataclasses
 from collections.abc import Iterator
@@ -28,6 +28,8 @@ class Plan:
         verify_patches: the exact patches `verify_top_k` adds (at most 2K per program and site:
             the top K by |estimate| and K others).
         knockout_rows: attention knockouts, one row (and one forward row) each.
+        probe_programs: programs the probes read, over every model (one forward each; the
+            probes of a shard are fitted on its programs).
     """
 
     run: str
@@ -40,6 +42,7 @@ class Plan:
     attribution_cells: int = 0
     verify_patches: int = 0
     knockout_rows: int = 0
+    probe_programs: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +133,9 @@ def make_plan(spec: Spec, n_layers: dict[str, int]) -> Plan:
     work |= {"attribution_cells": 0, "verify_patches": 0, "knockout_rows": 0}
     patching, attribution = spec.experiments.patching, spec.experiments.attribution
     knockout = spec.experiments.knockout
+    if spec.experiments.probes is not None:
+        per_model = sum(len(t.seq_lens) * t.n for t in spec.tasks_for("probes"))
+        work["probe_programs"] = per_model * len(spec.models)
     if patching is not None or attribution is not None or knockout is not None:
         from transformers import AutoConfig, AutoTokenizer
 

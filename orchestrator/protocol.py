@@ -15,21 +15,24 @@ from typing import Any, Literal, get_args
 
 import pyarrow as pa
 
-from orchestrator.spec import (
+from orchestrator.experiments import (
     AttributionSpec,
     BehaviorSpec,
     KnockoutSpec,
-    ModelSpec,
     PatchingSpec,
-    Spec,
+    ProbesSpec,
 )
+from orchestrator.spec import ModelSpec, Spec
 
 # An experiment kind: a spec section (`experiments.<kind>`), a shard kind and a results folder.
-Kind = Literal["behavior", "patching", "attribution", "knockout"]
+Kind = Literal["behavior", "patching", "attribution", "knockout", "probes"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 # The kinds that intervene at (site, layers): their shards carry both (knockout's `site` is its
 # scope).
 INTERVENTIONS: tuple[Kind, ...] = ("patching", "attribution", "knockout")
+# The kinds whose shards carry layers: the interventions, and probes (which read every requested
+# layer from one forward pass, and intervene nowhere: their shards have no site).
+LAYERED: tuple[Kind, ...] = (*INTERVENTIONS, "probes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +40,14 @@ class Shard:
     """One unit of work for one model.
 
     Attributes:
-        kind: `behavior`, `patching`, `attribution` or `knockout`.
+        kind: `behavior`, `patching`, `attribution`, `knockout` or `probes`.
         model: the model id as the spec gives it.
         task: family name.
         seq_len: program length.
         start / n: program indices `start .. start+n-1` of the (seed, task, seq_len) stream.
         site: the site patched or attributed, or the knockout's scope (interventions only).
-        layers: layer indices (patching: consecutive; attribution: every requested layer).
+        layers: layer indices (patching and knockout: consecutive; attribution and probes:
+            every requested layer).
         id: content hash; the shard's file is `<id>.parquet`.
         part: `(k, of)` when the shard is a split part of shard `id` (after out-of-memory).
         counterfactual: the counterfactual kind patched (`orchestrator.tasks.counterfactuals`;
@@ -76,7 +80,7 @@ class Shard:
             first, last = self.layers[0], self.layers[-1]
             if self.layers == tuple(range(first, last + 1)):
                 text += f" layers {first}-{last}"
-            else:  # attribution's layers need not be consecutive
+            else:  # attribution's and probes' layers need not be consecutive
                 text += " layers " + ",".join(map(str, self.layers))
         if self.counterfactual != "root_value":
             text += f" counterfactual={self.counterfactual}"
@@ -93,6 +97,7 @@ class WorkerConfig:
         patching: the patching settings, or None when the sweep patches nothing.
         attribution: the attribution settings, or None when the sweep estimates nothing.
         knockout: the knockout settings, or None when the sweep knocks nothing out.
+        probes: the probe settings, or None when the sweep fits no probes.
         seed: the sweep seed (programs are regenerated from it).
         task_options: family -> generator options.
         answer_prefix: family -> the answer prefix on this model (a string or `auto`).
@@ -108,6 +113,7 @@ class WorkerConfig:
     answer_prefix: Mapping[str, str] = dataclasses.field(default_factory=dict)
     threads: int | None = None
     knockout: KnockoutSpec | None = None
+    probes: ProbesSpec | None = None
 
     @classmethod
     def of(cls, spec: Spec, model_id: str, threads: int | None = None) -> "WorkerConfig":
@@ -127,6 +133,7 @@ class WorkerConfig:
             task_options={t.family: dict(t.options) for t in spec.tasks},
             answer_prefix={t.family: spec.answer_prefix(model_id, t.family) for t in spec.tasks},
             threads=threads,
+            probes=spec.experiments.probes,
         )
 
 
@@ -135,9 +142,9 @@ class ShardResult:
     """A finished shard.
 
     Attributes:
-        table: its rows (the behaviour, patching or attribution schema).
-        skipped: programs that could not be patched or attributed, with the reason (may have
-            no rows).
+        table: its rows (the kind's schema, and a `step` column: the model's training step).
+        skipped: programs that could not be patched, attributed, knocked out or probed, with
+            the reason (may have no rows).
         seconds: time the actor spent on it.
         pid / host / node_id: where it ran (node_id: the Ray node, None outside Ray).
     """

@@ -4,12 +4,18 @@
     results/<run>/behavior/model=<m>/task=<t>/<shard>.parquet
     results/<run>/patching/model=<m>/site=<s>/<shard>.parquet
     results/<run>/attribution/model=<m>/site=<s>/<shard>.parquet
+    results/<run>/knockout/model=<m>/scope=<s>/<shard>.parquet
+    results/<run>/probes/model=<m>/task=<t>/<shard>.parquet
     results/<run>/skipped/model=<m>/<kind>-<shard>.parquet   (pairs left out, with why)
 
 Every file is written under `.tmp/` (outside every reader's glob) and then renamed into place,
 so a reader sees a shard's file whole or not at all, and a shard whose file exists is done.
 A shard split after running out of memory writes parts `<id>.part<k>of<n>.parquet`; the shard is
 done when its parts tile it.
+
+`spec.yaml` is the spec as written, except that `checkpoints` globs are written out as the
+models they matched when the run started: the folder's spec names what ran, whatever the globs
+match later (a training run keeps adding snapshots; `--extend` takes the new ones in).
 """
 
 import dataclasses
@@ -219,7 +225,7 @@ class ResultsDir:
         # An extended spec has more programs: the file is rewritten (atomically) to cover both.
         if have != wanted:
             self.write_programs(spec)
-        self.write_text(self.root / "spec.yaml", spec_text)
+        self.write_text(self.root / "spec.yaml", recorded_text(spec_text, spec))
 
     def write_programs(self, spec: Spec) -> None:
         """Every program of the sweep, streamed to Parquet in batches."""
@@ -267,6 +273,21 @@ class ResultsDir:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def recorded_text(spec_text: str, spec: Spec) -> str:
+    """The spec text a run folder keeps: `spec_text` itself, unless its models list has
+    `checkpoints` entries; then the YAML with `models` replaced by `spec`'s concrete models
+    (each with its id and step), since the globs may match other folders later."""
+    data = yaml.safe_load(spec_text)
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not any(
+        isinstance(m, dict) and "checkpoints" in m for m in models
+    ):
+        return spec_text
+    data["models"] = [m.model_dump(exclude_defaults=True) for m in spec.models]
+    header = "# models: the folders the checkpoints globs matched when the run started\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
 
 
 def programs_table(programs: Iterable[Program]) -> pa.Table:

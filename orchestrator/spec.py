@@ -13,20 +13,34 @@
       patching: {sites: [resid_pre, attn_head], layers_per_shard: 2, positions: targets}
       attribution: {sites: [resid_pre, attn_head], verify_top_k: 4}
       knockout: {scopes: [answer], layers_per_shard: 3}
+      probes: {labels: [ref_depth_1_rhs, final_colon], programs_per_shard: 200}
 
 Every mapping forbids unknown keys, so a typo fails instead of being ignored; counts and sizes
 are range-checked. `load_spec` also checks what a field alone cannot: family options against the
-family, experiment tasks against the tasks, and the behaviour template, rendered on one program of
-each task. What needs the world (model configs, installed backends, the cluster's resources) is
-checked by `orchestrator.checks`, still before anything is written.
+family, experiment tasks against the tasks, and the behaviour template, rendered on one program
+of each task; then it expands each model entry's `checkpoints` glob into one model per folder,
+with its training step (`expand_checkpoints`), so that what follows sees plain models. What
+needs the world (model configs, installed backends, the cluster's resources) is checked by
+`orchestrator.checks`, still before anything is written.
 """
 
+import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.checkpoints import CheckpointError, find_checkpoints
+from orchestrator.experiments import (
+    Auto,
+    Experiments,
+    NonNegativeInt,
+    PositiveInt,
+    Strict,
+    once,
+    whole_or_auto,
+)
 from orchestrator.tasks import (
     CHAT_TEMPLATE,
     FAMILIES,
@@ -37,13 +51,6 @@ from orchestrator.tasks import (
 )
 from orchestrator.tasks.counterfactuals import KINDS as COUNTERFACTUALS
 
-Backend = Literal["hf", "vllm", "auto"]
-Site = Literal["resid_pre", "attn_head", "mlp_out"]
-# Strict: YAML gives real ints, and `true` or `4.0` for a count is a mistake worth naming.
-PositiveInt = Annotated[int, Field(ge=1, strict=True)]
-NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
-Flag = Annotated[bool, Field(strict=True)]  # `true`/`false`, not `1` or "yes"
-Auto = Literal["auto"]
 # `orchestrator.tasks.counterfactuals.KINDS` (a test checks the two agree).
 Counterfactual = Literal["root_value", "query_swap", "distractor", "reassign"]
 
@@ -52,18 +59,14 @@ class SpecError(ValueError):
     """A spec that cannot run; the message lists each problem with its fix."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     """Programs of one family: `n` per length, indices 0..n-1 of the (seed, family, length)
     stream."""
 
     family: Literal["binding", "range", "increments", "boolean", "exception"]
     seq_lens: Annotated[list[PositiveInt], Field(min_length=1)]
     n: PositiveInt
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = Field(default_factory=dict)
     # Text between the prompt and the answer, or `auto`: from each model's greedy next token
     # (actors/answers.py). A model entry may override it.
     answer_prefix: str = "auto"
@@ -98,7 +101,7 @@ class TaskSpec(_Strict):
                 f"{list(COUNTERFACTUALS)}"
             )
         if isinstance(v, list):
-            _once(v, "counterfactual")
+            once(v, "counterfactual")
         return v
 
     @property
@@ -127,138 +130,41 @@ class TaskSpec(_Strict):
         return self
 
 
-class ModelSpec(_Strict):
-    """A model: a Hugging Face id or a local folder written by `save_pretrained`."""
+class ModelSpec(Strict):
+    """A model: a Hugging Face id or a local folder written by `save_pretrained` (`id`), or a
+    glob of such folders (`checkpoints`), which `load_spec` replaces by one model per folder."""
 
-    id: str
+    id: str | None = None
+    # A glob relative to the working directory (as a model id is), e.g.
+    # models/binding-traj-step*: one model per matching folder, in the order of their training
+    # steps (orchestrator/checkpoints.py), each with this entry's other fields.
+    checkpoints: str | None = None
+    # The model's training step, in a `step` column of its rows; a checkpoints entry reads
+    # each folder's from its training_state.json.
+    step: NonNegativeInt | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8", "nf4", "auto"] = "auto"
     # Overrides the tasks' answer_prefix for this model: one value, or one per task.
     answer_prefix: str | dict[str, str] | None = None
 
-
-class BehaviorSpec(_Strict):
-    """Does the model answer right? `template` is `raw` (the program; the answer is the next
-    token), `chat` (a question for instruction-tuned models), or a format string using
-    `{text}`, `{program}`, `{query}`."""
-
-    backend: Backend = "auto"
-    template: str = "raw"
-    batch_size: PositiveInt = 64
-    programs_per_shard: PositiveInt = 200
-    tasks: list[str] | None = None
-    max_new_tokens: PositiveInt = 8
-
-
-class _Intervention(_Strict):
-    """What patching and attribution share: where to intervene, on which tasks, in which
-    shards. `batch_size` is counted in `_BATCH_UNIT` (the subclass says what one item is)."""
-
-    _BATCH_UNIT: ClassVar[str] = ""
-
-    sites: Annotated[list[Site], Field(min_length=1)] = ["resid_pre"]
-    layers: list[NonNegativeInt] | None = None
-    programs_per_shard: PositiveInt = 20
-    tasks: list[str] | None = None
-
-    @field_validator("sites")
-    @classmethod
-    def _sites_once(cls, v: list[str]) -> list[str]:
-        return _once(v, "site")
-
-    @field_validator("batch_size", mode="before", check_fields=False)
-    @classmethod
-    def _batch_size(cls, v: Any) -> Any:
-        return _whole_or_auto(v, cls._BATCH_UNIT)
-
-    @property
-    def places(self) -> list[str]:
-        """What each shard intervenes at besides its layers (`Shard.site`): a site."""
-        return list(self.sites)
-
-
-class PatchingSpec(_Intervention):
-    """Causal tracing: every (site, layer, position[, head]) patch of every program."""
-
-    _BATCH_UNIT: ClassVar[str] = "patches per forward pass"
-
-    layers_per_shard: PositiveInt = 4
-    positions: Literal["all", "targets"] = "targets"
-    # Rows per forward pass at most; `auto`: sized from the device's memory by the engine
-    # (actors/budget.py), which also splits a pass that runs out of memory.
-    batch_size: PositiveInt | Auto = "auto"
-    # `first_token`: the logits of the first tokens at which the two answers differ;
-    # `answer_logprob`: the summed log-probability of each whole answer (teacher forcing).
-    metric: Literal["first_token", "answer_logprob"] = "first_token"
-
-
-class AttributionSpec(_Intervention):
-    """Attribution patching (actors/attribution.py): a first-order estimate of every (site,
-    layer, position[, head]) patch from one forward pair and one backward per batch, so a shard
-    holds every requested layer (one backward gives them all) and is never cut by layers."""
-
-    _BATCH_UNIT: ClassVar[str] = "programs per forward and backward"
-
-    positions: Literal["all", "targets"] = "all"
-    # Programs per forward and backward; `auto`: sized from the device's memory by the actor.
-    batch_size: PositiveInt | Auto = "auto"
-    # AtP* (Kramár et al. 2024), both at the cost of extra passes: `attention_fix` recomputes
-    # the part of a resid_pre effect that goes through its layer's queries and keys (where the
-    # softmax saturates its gradient says nothing); `grad_drop` scores each cell again with each
-    # layer's attention and MLP gradient zeroed in turn, so effects that cancel still show.
-    attention_fix: Flag = False
-    grad_drop: Flag = False
-    # Per program, the K cells with the largest |estimate| and K others drawn at random are
-    # also patched exactly, so the estimate's error is measured where it matters and elsewhere.
-    verify_top_k: NonNegativeInt = 0
-
-
-class KnockoutSpec(_Strict):
-    """Attention knockout (actors/knockout.py): for every (layer, head) and labelled source
-    position (the root value, each hop of the chain, the query variable), the attention from the
-    answer position (`answer`) or from every position after the source (`later`) to the source
-    is blocked in that head alone, and the change of the logit difference measured."""
-
-    scopes: Annotated[list[Literal["answer", "later"]], Field(min_length=1)] = ["answer"]
-    layers: list[NonNegativeInt] | None = None
-    layers_per_shard: PositiveInt = 4
-    # Knockout rows per forward; `auto`: sized from the device's memory by the actor.
-    batch_size: PositiveInt | Auto = "auto"
-    programs_per_shard: PositiveInt = 20
-    tasks: list[str] | None = None
-
-    @field_validator("scopes")
-    @classmethod
-    def _scopes_once(cls, v: list[str]) -> list[str]:
-        return _once(v, "scope")
-
-    @field_validator("batch_size", mode="before")
-    @classmethod
-    def _batch_size(cls, v: Any) -> Any:
-        return _whole_or_auto(v, "knockout rows per forward pass")
-
-    @property
-    def places(self) -> list[str]:
-        """What each shard intervenes at besides its layers (`Shard.site`): a scope."""
-        return list(self.scopes)
-
-
-class Experiments(_Strict):
-    behavior: BehaviorSpec | None = None
-    patching: PatchingSpec | None = None
-    attribution: AttributionSpec | None = None
-    knockout: KnockoutSpec | None = None
-
     @model_validator(mode="after")
-    def _some(self) -> "Experiments":
-        if all(getattr(self, name) is None for name in type(self).model_fields):
+    def _id_or_checkpoints(self) -> "ModelSpec":
+        if (self.id is None) == (self.checkpoints is None):
             raise ValueError(
-                "no experiment: add behavior: {}, patching: {}, attribution: {} and/or knockout: {}"
+                "a model entry needs exactly one of id (a hub id or a folder) and checkpoints "
+                "(a glob of checkpoint folders); fix: write e.g. {id: models/binding-tiny} or "
+                "{checkpoints: models/binding-traj-step*}"
+            )
+        if self.checkpoints is not None and self.step is not None:
+            raise ValueError(
+                f"step {self.step} with checkpoints {self.checkpoints!r}: each folder's step is "
+                "read from its training_state.json; fix: drop step, or list the folder by id "
+                "with its step"
             )
         return self
 
 
-class Resources(_Strict):
+class Resources(Strict):
     """What each actor holds. `auto`: one GPU per actor where there are GPUs (more when the
     model needs them), and as many actors per model as the cluster's GPUs allow."""
 
@@ -283,25 +189,10 @@ class Resources(_Strict):
     @field_validator("actors_per_model", mode="before")
     @classmethod
     def _actors(cls, v: Any) -> Any:
-        return _whole_or_auto(v, "actors per model")
+        return whole_or_auto(v, "actors per model")
 
 
-def _once(v: list[str], what: str) -> list[str]:
-    if len(set(v)) != len(v):
-        raise ValueError(
-            f"{what}s {v} repeat a {what} (each would run twice); fix: list each {what} once"
-        )
-    return v
-
-
-def _whole_or_auto(v: Any, what: str) -> Any:
-    """One message for `int >= 1 | "auto"` fields, instead of one per member of the union."""
-    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-        return v
-    raise ValueError(f"{what} must be a whole number >= 1 or 'auto'; fix: write e.g. 4, or auto")
-
-
-class Spec(_Strict):
+class Spec(Strict):
     run: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     output: str = "results"
     seed: int = 0
@@ -324,7 +215,14 @@ class Spec(_Strict):
                         f"experiments.{name}.tasks names {unknown}, which are not in tasks "
                         f"({families}); fix: add them to tasks or remove them here"
                     )
-        ids = [m.id for m in self.models]
+        probed = [t.family for t in self.tasks_for("probes") if t.family != "binding"]
+        if probed:
+            raise ValueError(
+                f"experiments.probes would probe {probed}: probes read binding programs' "
+                "labelled positions only; fix: list only binding under experiments.probes.tasks"
+            )
+        # A checkpoints entry has no id yet: `expand_checkpoints` checks the ids it makes.
+        ids = [m.id for m in self.models if m.id is not None]
         if len(set(ids)) != len(ids):
             raise ValueError(f"models list {ids}: an id appears twice; fix: list each model once")
         for m in self.models:
@@ -332,8 +230,9 @@ class Spec(_Strict):
                 unknown = sorted(set(m.answer_prefix) - set(families))
                 if unknown:
                     raise ValueError(
-                        f"models[{m.id}].answer_prefix names {unknown}, which are not in tasks "
-                        f"({families}); fix: key it by the tasks' families, or give one value"
+                        f"models[{m.id or m.checkpoints}].answer_prefix names {unknown}, "
+                        f"which are not in tasks ({families}); fix: key it by the tasks' "
+                        "families, or give one value"
                     )
         self._render_templates()
         return self
@@ -391,6 +290,8 @@ _FIXES = {
     "string_type": "write a string",
     "bool_type": "write true or false",
     "float_parsing": "write a number",
+    "float_type": "write a number",
+    "less_than": "use a smaller value",
     "list_type": "write a YAML list, e.g. [a, b]",
     "dict_type": "write a YAML mapping, e.g. {key: value}",
     "model_type": "write a YAML mapping, e.g. {key: value}",
@@ -453,9 +354,51 @@ def parse_spec(data: Any, path: str | Path = "<spec>") -> Spec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping, got {type(data).__name__}")
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as err:
         raise SpecError(format_errors(path, err)) from None
+    return expand_checkpoints(spec, path)
+
+
+def expand_checkpoints(spec: Spec, path: str | Path = "<spec>") -> Spec:
+    """`spec` with each `checkpoints` entry replaced, where it stands, by one model per folder
+    its glob matches (`orchestrator.checkpoints`), by step: the folder as matched is the id,
+    its training_state.json gives the step, and the entry's other fields apply to each.
+
+    Raises:
+        SpecError: a glob that matches no folder, a folder without a step, two folders of one
+            step, or a folder that is also another model of the spec.
+    """
+    if all(m.checkpoints is None for m in spec.models):
+        return spec
+    models: list[tuple[int, ModelSpec]] = []  # (entry, model)
+    problems = []
+    for i, m in enumerate(spec.models):
+        if m.checkpoints is None:
+            models.append((i, m))
+            continue
+        try:
+            found = find_checkpoints(m.checkpoints)
+        except CheckpointError as err:
+            problems.append(f"  models.{i}.checkpoints = {m.checkpoints!r}: {err}")
+            continue
+        for folder, step in found:
+            update = {"id": folder, "step": step, "checkpoints": None}
+            models.append((i, m.model_copy(update=update)))
+    seen: dict[str, int] = {}  # the folder (normalised) -> the entry that gave it first
+    for i, m in models:
+        j = seen.setdefault(os.path.normpath(m.id), i)
+        globbed = [k for k in (j, i) if spec.models[k].checkpoints is not None]
+        if j != i and globbed:  # (two plain ids are Spec's to check)
+            k = globbed[-1]
+            problems.append(
+                f"  models.{k}.checkpoints = {spec.models[k].checkpoints!r}: matches {m.id}, "
+                f"which models.{j if k == i else i} also gives; fix: list each model once "
+                "(narrow the glob, or drop the other entry)"
+            )
+    if problems:
+        raise SpecError(f"{path}: the spec is not valid:\n" + "\n".join(problems))
+    return spec.model_copy(update={"models": [m for _, m in models]})
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -476,4 +419,4 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(data, path)
 
 
-__all__ = ["FAMILIES", "Spec", "SpecError", "load_spec", "parse_spec"]
+__all__ = ["FAMILIES", "Spec", "SpecError", "expand_checkpoints", "load_spec", "parse_spec"]

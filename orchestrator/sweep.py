@@ -116,6 +116,11 @@ def print_plan(plan: Plan, out_dir: Path) -> None:
             print(f"  verified exactly: ~{plan.verify_patches:,} patches (verify_top_k)")
     if plan.shards.get("knockout"):
         print(f"  knockout rows: ~{plan.knockout_rows:,} (estimated from a sample of programs)")
+    if plan.shards.get("probes"):
+        print(
+            f"  probe programs: {plan.probe_programs:,} (a probe per shard, layer and label, "
+            "fitted on the shard's programs)"
+        )
 
 
 def folder_refusal(

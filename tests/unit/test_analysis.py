@@ -263,8 +263,11 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
         "routing_map",
         "error_kinds",
         "counterfactual_heatmap",
-    }, "tested in test_attribution_analysis.py, test_knockout_analysis.py, below and in "
-    "test_counterfactual_analysis.py"
+        "accuracy_by_step",
+        "root_effect_by_step",
+        "probes_by_step",
+    }, "tested in test_attribution_analysis.py, test_knockout_analysis.py, below, in "
+    "test_counterfactual_analysis.py and in test_trajectory_analysis.py"
     for name in expected:
         sql, draw = CHARTS[name]
         chart = draw(queries.run(con, sql))

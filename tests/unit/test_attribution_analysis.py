@@ -361,4 +361,4 @@ def test_agreement_over_every_cell_the_run_also_patched(tmp_path) -> None:
 def test_the_empty_view_has_the_writers_columns(tmp_path) -> None:
     con = connect(tmp_path)
     columns = [r[0] for r in con.execute("DESCRIBE attribution").fetchall()]
-    assert columns == ATTRIBUTION_SCHEMA.names
+    assert columns == [*ATTRIBUTION_SCHEMA.names, "step"], "the writer's, then the worker's step"

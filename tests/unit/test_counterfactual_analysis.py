@@ -132,10 +132,15 @@ def kept(root: Path) -> pd.DataFrame:
 
 def test_the_writer_columns_lead_the_view() -> None:
     """The test's files carry the view's columns; the writer's are those, in order (it appends
-    the counterfactual columns at the end)."""
+    the counterfactual columns at the end, and the worker the model's training step)."""
     from actors.patching import PATCHING_SCHEMA
 
-    assert SCHEMA.names[-3:] == ["counterfactual", "contrast_answer", "contrast_logit_diff"]
+    assert SCHEMA.names[-4:] == [
+        "counterfactual",
+        "contrast_answer",
+        "contrast_logit_diff",
+        "step",
+    ]
     assert SCHEMA.names[: len(PATCHING_SCHEMA)] == PATCHING_SCHEMA.names
 
 
@@ -155,7 +160,7 @@ def test_old_files_read_as_root_value_alone_and_beside_new_ones(tmp_path) -> Non
     write(root, "org/b", "resid_pre", ("root_value", "distractor"), name="new")
     con = connect(root)
     columns = {r[0]: r[1] for r in con.execute("DESCRIBE patching").fetchall()}
-    assert [columns[name] for name in SCHEMA.names[-3:]] == ["VARCHAR", "VARCHAR", "FLOAT"]
+    assert [columns[name] for name in SCHEMA.names[-4:-1]] == ["VARCHAR", "VARCHAR", "FLOAT"]
     got = con.execute(
         "SELECT model, counterfactual, any_value(contrast_answer), any_value(cf_answer), "
         "any_value(contrast_logit_diff), any_value(cf_logit_diff), count(*), "

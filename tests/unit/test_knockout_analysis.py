@@ -96,7 +96,7 @@ def test_view_reads_the_files_with_their_own_model_ids(run_dir) -> None:
     ).fetchall()
     assert got == [("org/a", "answer", 48), ("org/a", "later", 48), ("org/b", "answer", 48)]
     columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
-    assert columns == SCHEMA.names
+    assert columns == [*SCHEMA.names, "step"], "the writer's columns, then the worker's step"
 
 
 def test_routing_map_keeps_right_non_heuristic_programs(run_dir) -> None:
@@ -178,7 +178,8 @@ def test_a_run_without_a_knockout_folder_still_works(tmp_path, capsys) -> None:
     pq.write_table(programs_table(), root / "programs.parquet")
     pq.write_table(behavior_table("org/a", [True] * 4), root / "behavior" / "b.parquet")
     con = connect(root)
-    assert [r[0] for r in con.execute("DESCRIBE knockout").fetchall()] == SCHEMA.names
+    columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
+    assert columns == [*SCHEMA.names, "step"], "the writer's columns, then the worker's step"
     for sql in (queries.ROUTING_MAP, queries.TOP_ROOT_HEADS):
         assert len(queries.run(con, sql)) == 0
     assert "knockout of the root edge" not in summary(con, include_all=False)

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from actors.patching import Patcher
 from actors.targets import encode_program
-from actors.worker import SKIPPED_SCHEMA, ModelWorker
+from actors.worker import SKIPPED_SCHEMA, STEP_FIELD, ModelWorker
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
 from orchestrator.shards import iter_shards
 from orchestrator.spec import parse_spec
@@ -94,7 +94,8 @@ def test_worker_runs_an_attribution_shard(spec_and_shards, site) -> None:
     shard = _shard(shards, "attribution", site)
     assert shard.layers == (0, 1), "one shard holds every layer"
     result = worker.run(shard)
-    assert result.skipped.schema == SKIPPED_SCHEMA and result.skipped.num_rows == 0
+    assert result.skipped.schema == SKIPPED_SCHEMA.append(STEP_FIELD)
+    assert result.skipped.num_rows == 0
     rows = result.table.to_pylist()
     assert {(r["model"], r["site"], r["task"], r["seq_len"]) for r in rows} == {
         (model, site, "binding", 4)
@@ -233,7 +234,8 @@ def test_worker_runs_a_knockout_shard(spec_and_shards, scope) -> None:
     shard = _shard(shards, "knockout", scope)
     assert shard.layers == (0, 1)
     result = ModelWorker(config).run(shard)
-    assert result.table.schema == KNOCKOUT_SCHEMA and result.skipped.num_rows == 0
+    assert result.table.schema == KNOCKOUT_SCHEMA.append(STEP_FIELD)
+    assert result.skipped.num_rows == 0
     rows = result.table.to_pylist()
     assert {(r["model"], r["scope"], r["seq_len"]) for r in rows} == {(model, scope, 4)}
     tokenizer = AutoTokenizer.from_pretrained(model)
