@@ -158,6 +158,17 @@ def extension_problems(
     removed = sorted({m.id for m in old.models} - {m.id for m in new.models})
     if removed:
         problems.append(f"models: {removed} removed")
+    # A shard id names the model by its id alone: a kept model loaded another way would leave
+    # its old files standing as if they were the new settings' rows.
+    was = {m.id: m for m in old.models}
+    for m in new.models:
+        for key in ("dtype", "quantization", "step"):
+            before, after = (getattr(x, key) for x in (was.get(m.id, m), m))
+            if before != after:
+                problems.append(
+                    f"models.{m.id}.{key} changed ({before} -> {after}): its rows so far "
+                    "were computed with the old setting; run it as a new run, or --fresh"
+                )
     ob, nb = old.experiments.behavior, new.experiments.behavior
     if ob is not None and nb is not None and ob.backend != nb.backend:
         problems.append(

@@ -218,6 +218,13 @@ def test_diff_names_each_change(tiny_model, tmp_path) -> None:
             lambda s: s["experiments"]["patching"].update(positions="all"),
             "shards would not be shards of the new spec",
         ),
+        # The shards' ids name a model by its id, so these alone would pass the id check.
+        (lambda s: s["models"][0].update(dtype="bfloat16"), ".dtype changed (auto -> bfloat16)"),
+        (
+            lambda s: s["models"][0].update(quantization="int8"),
+            ".quantization changed (auto -> int8)",
+        ),
+        (lambda s: s["models"][0].update(step=5), ".step changed (None -> 5)"),
     ],
 )
 def test_extend_allows_only_more_work(tiny_model, tmp_path, change, problem) -> None:
