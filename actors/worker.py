@@ -34,6 +34,7 @@ from actors.execute import is_oom
 from actors.knockout import Knocker
 from actors.loading import LoadedModel, load_model
 from actors.patching import Patcher
+from actors.probes import Prober
 from orchestrator.protocol import Shard, ShardOutOfMemory, ShardResult, WorkerConfig
 from orchestrator.tasks import Program, generate
 from orchestrator.tasks.counterfactuals import ROOT_VALUE
@@ -84,7 +85,7 @@ class ModelWorker:
         self._patcher: Patcher | None = None
         self._attributor: Attributor | None = None
         self._knocker: Knocker | None = None
-        self._prober: Any = None  # actors.probes.Prober, made by the first probes shard
+        self._prober: Prober | None = None
         self._scorer: Any = None
         behavior = config.behavior
         backend = behavior.backend if behavior is not None else "hf"
@@ -260,7 +261,7 @@ class ModelWorker:
         )
         return table, self._skipped(knocker.skipped)
 
-    def _probe(self, prober: Any, programs: list[Program], shard: Shard) -> pa.Table:
+    def _probe(self, prober: Prober, programs: list[Program], shard: Shard) -> pa.Table:
         """One attempt at the shard with the prober's current batch size (tests override this
         to run out of memory on purpose)."""
         spec = self.config.probes
@@ -274,9 +275,6 @@ class ModelWorker:
         spec = self.config.probes
         assert spec is not None, "a probes shard reached a worker without its settings"
         if self._prober is None:
-            # Imported on first use: a worker that fits no probes never needs it.
-            from actors.probes import Prober
-
             self._prober = Prober(
                 self._load(),
                 batch_size=spec.batch_size,

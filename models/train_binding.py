@@ -277,14 +277,17 @@ class BatchPrefetcher:
 
     Batches are requested for (stage, step) in order; when the curriculum moves on, the batches
     drawn ahead for the old stage are dropped and drawing starts again from the asked step.
-    Workers are forked before the model touches a GPU and never import CUDA themselves.
+    Workers are spawned, not forked: a fork copies the parent's threads' locks (torch's, a
+    tokenizer's, a test runner's) in whatever state they are in, and a child can wait on one
+    forever. A batch that does not come within `timeout_s` is an error, never a silent wait.
     """
 
-    def __init__(self, cfg: TrainConfig, workers: int) -> None:
+    def __init__(self, cfg: TrainConfig, workers: int, timeout_s: float = 600.0) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("spawn")
         self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
         self.depth = 4 * workers
+        self.timeout_s = timeout_s
         self.pending: deque = deque()  # ((stage, step), AsyncResult)
         self.next_step = 0
 
@@ -296,7 +299,15 @@ class BatchPrefetcher:
             key = (stage_index, self.next_step)
             self.pending.append((key, self.pool.apply_async(_draw_in_worker, key)))
             self.next_step += 1
-        return self.pending.popleft()[1].get()
+        key, result = self.pending.popleft()
+        try:
+            return result.get(timeout=self.timeout_s)
+        except multiprocessing.TimeoutError:
+            raise RuntimeError(
+                f"no batch for (stage {key[0]}, step {key[1]}) from the data workers within"
+                f" {self.timeout_s:.0f} s; a worker may have died (see its output above), or set"
+                " data_workers: 0 to draw batches in the training process"
+            ) from None
 
     def close(self) -> None:
         self.pool.terminate()
@@ -310,7 +321,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.tokenizer = build_char_tokenizer()
-        # Fork the batch workers before anything touches a GPU.
+        # Start the batch workers before the model is built (they hold no copy of it).
         self.prefetch = BatchPrefetcher(cfg, cfg.data_workers) if cfg.data_workers else None
         if cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,6 +62,16 @@ def test_workers_draw_the_batches_the_trainer_would(tmp_path) -> None:
     assert len(ids) == len(labels) == len(finals) == cfg.batch_size
     for row, final in zip(labels, finals, strict=True):
         assert row[final + 1] != -100, "the final answer is supervised"
+
+
+def test_a_batch_that_does_not_come_in_time_is_an_error(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, batch_size=100_000)  # far longer to draw than the timeout
+    prefetch = BatchPrefetcher(cfg, workers=1, timeout_s=0.5)
+    try:
+        with pytest.raises(RuntimeError, match=r"stage 0, step 0.*data_workers: 0"):
+            prefetch.get(0, 0)
+    finally:
+        prefetch.close()
 
 
 def test_a_resumed_run_ends_where_an_unbroken_one_does(tmp_path) -> None:

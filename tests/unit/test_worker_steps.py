@@ -6,14 +6,14 @@ wired like the others (a stand-in prober for the wiring and out of memory, then 
 import dataclasses
 import json
 import math
-import sys
-import types
 from typing import ClassVar
 
 import pyarrow as pa
 import pytest
 import torch
 
+from actors import worker
+from actors.probes import Prober
 from actors.worker import SKIPPED_SCHEMA, STEP_FIELD, ModelWorker
 from orchestrator.experiments import PROBE_LABELS
 from orchestrator.protocol import ShardOutOfMemory, WorkerConfig
@@ -81,9 +81,10 @@ def test_every_table_ends_with_the_models_step(checkpoint, kind) -> None:
     assert plain.table.drop_columns(["step"]).equals(result.table.drop_columns(["step"]))
 
 
-class RecordingProber:
-    """Stands in for `actors.probes.Prober` (no fitting): keeps its arguments and each call's;
-    a batch above `above` runs out of memory; every call skips its first program."""
+class RecordingProber(Prober):
+    """Stands in for `actors.probes.Prober` (no fitting; a subclass, so that the worker's type
+    checks pass): keeps its arguments and each call's; a batch above `above` runs out of
+    memory; every call skips its first program."""
 
     made: ClassVar[list["RecordingProber"]] = []
     above: ClassVar[int | None] = None
@@ -109,10 +110,8 @@ class RecordingProber:
 
 @pytest.fixture
 def recording(monkeypatch):
-    """`actors.probes` replaced by a module holding `RecordingProber`."""
-    module = types.ModuleType("actors.probes")
-    module.Prober = RecordingProber
-    monkeypatch.setitem(sys.modules, "actors.probes", module)
+    """The worker's `Prober` replaced by `RecordingProber`."""
+    monkeypatch.setattr(worker, "Prober", RecordingProber)
     monkeypatch.setattr(RecordingProber, "made", [])
     return RecordingProber
 
