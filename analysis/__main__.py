@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from analysis import charts, prompts, queries
+from analysis import charts, prompts, queries, trajectory
 from analysis.db import connect
 from orchestrator.tasks.errors import ERROR_KINDS
 
@@ -33,9 +33,9 @@ CHARTS = {
     # rows only where some (model, site) was patched from a kind besides the root value
     "counterfactual_heatmap": (queries.COUNTERFACTUAL_BY_LABEL, charts.counterfactual_heatmap),
     # rows only where the models have a training step (checkpoints); probes: where probed
-    "accuracy_by_step": (queries.ACCURACY_BY_STEP, charts.accuracy_by_step),
-    "root_effect_by_step": (queries.ROOT_EFFECT_BY_STEP, charts.root_effect_by_step),
-    "probes_by_step": (queries.PROBES_BY_STEP, charts.probes_by_step),
+    "accuracy_by_step": (trajectory.ACCURACY_BY_STEP, trajectory.accuracy_by_step),
+    "root_effect_by_step": (trajectory.ROOT_EFFECT_BY_STEP, trajectory.root_effect_by_step),
+    "probes_by_step": (trajectory.PROBES_BY_STEP, trajectory.probes_by_step),
 }
 
 
@@ -103,25 +103,26 @@ def trajectory_tables(con: duckdb.DuckDBPyConnection, include_all: bool) -> list
     kept = "all programs" if include_all else queries.KEPT_DESCRIPTION
     tables = [
         (
-            queries.SHORTCUT_PEAK,
+            trajectory.SHORTCUT_PEAK,
             "shortcut peak: per run, the step where binding accuracy with the root on line 1-2 "
             "most exceeds accuracy with it later (gap), over every depth",
         ),
         (
-            queries.CHAIN_MOVE,
+            trajectory.CHAIN_MOVE,
             f"chain move ({kept}): per run, the first step at which patching the root value at "
-            f"{queries.CHAIN_MOVE_LABEL} (resid_pre) moves some layer's mean norm_effect above "
-            f"{queries.CHAIN_MOVE_EFFECT}, and the layer of its largest (-: no step does; "
+            f"{trajectory.CHAIN_MOVE_LABEL} (resid_pre) moves some layer's mean norm_effect above "
+            f"{trajectory.CHAIN_MOVE_EFFECT}, and the layer of its largest (-: no step does; "
             "max_effect: the largest over every step)",
         ),
         (
-            queries.PROBE_FIRST_LAYER,
+            trajectory.PROBE_FIRST_LAYER,
             f"probe first layer: per checkpoint, the first layer from which a linear probe at "
-            f"{queries.PROBE_LABEL} reads the {queries.PROBE_TARGET} with held-out accuracy above "
-            f"{queries.PROBE_ACCURACY} (-: no layer does; selectivity: above the control task)",
+            f"{trajectory.PROBE_LABEL} reads the {trajectory.PROBE_TARGET} with held-out "
+            f"accuracy above {trajectory.PROBE_ACCURACY} (-: no layer does; selectivity: above "
+            "the control task)",
         ),
         (
-            queries.PROBE_BEST_LAYER,
+            trajectory.PROBE_BEST_LAYER,
             "probes: the most accurate layer per label at each step (selectivity: accuracy above "
             "the control task's; n_test summed over shards)",
         ),

@@ -3,7 +3,8 @@ only — no grid, no frames, thin muted axes, direct labels instead of legends w
 
 Every function takes an aggregated DataFrame (from `queries.py`) and returns a chart; `save`
 writes PNG, SVG and HTML through vl-convert. Scales are shared across panels where the panels
-are compared (accuracy 0-1; effects on one diverging scale centred on 0).
+are compared (accuracy 0-1; effects on one diverging scale centred on 0). The charts across a
+training run's checkpoints are in `trajectory.py`, in this theme.
 """
 
 from pathlib import Path
@@ -20,7 +21,7 @@ MUTED = "#888888"
 FONT = "Helvetica Neue, Helvetica, Arial, sans-serif"
 DIVERGING = "blueorange"
 # Ordered values (chain depth, training step): light to dark blue, the palest end dark enough to
-# read on white; `_ramp` spreads it over the values present, however few.
+# read on white; `trajectory._ramp` spreads it over the values present, however few.
 SEQUENTIAL = ("#9ecae1", "#08306b")
 PANEL = 180
 # The shortcut in the project's accent, the other kinds in muted hues, unexplained ones grey.
@@ -392,143 +393,6 @@ def routing_map(df: pd.DataFrame) -> alt.FacetChart:
             ),
         )
         .properties(title="Effect of blocking each head's attention to each source")
-    )
-
-
-def _ramp(domain: list) -> alt.Scale:
-    """An ordinal colour scale over `domain`, in its order, from the light to the dark end of
-    `SEQUENTIAL` (the dark end alone for one value)."""
-    light, dark = ([int(color[i : i + 2], 16) for i in (1, 3, 5)] for color in SEQUENTIAL)
-
-    def mix(t: float) -> str:
-        return "#" + "".join(
-            f"{round(a + (b - a) * t):02x}" for a, b in zip(light, dark, strict=True)
-        )
-
-    n = len(domain)
-    return alt.Scale(domain=domain, range=[mix(i / (n - 1) if n > 1 else 1.0) for i in range(n)])
-
-
-def _step_scale(df: pd.DataFrame) -> alt.Scale:
-    """Steps are log-spaced: a log axis, or a symmetric-log one where step 0 (the initial
-    weights) is among them, which no log axis can place."""
-    return alt.Scale(type="log") if (df["step"] > 0).all() else alt.Scale(type="symlog")
-
-
-def _checkpoints(df: pd.DataFrame) -> tuple[pd.Series, list[str]]:
-    """Each row's step as a label (`no step` for a model without one), and the labels in step
-    order, for an ordinal encoding that sorts as the steps do."""
-    labels = df["step"].map(lambda s: "no step" if pd.isna(s) else str(int(s)))
-    steps = sorted(df["step"].dropna().unique())
-    order = [str(int(s)) for s in steps] + (["no step"] if df["step"].isna().any() else [])
-    return labels, order
-
-
-def accuracy_by_step(df: pd.DataFrame) -> alt.FacetChart:
-    """Binding accuracy against training step (log axis), one line per referential depth (darker:
-    deeper), one column for programs with the root on line 1-2 (where the shortcut answers
-    right) and one for the others, one row per training run."""
-    use_theme()
-    data = df.assign(programs=df["heuristic"].map({True: "root on line 1-2", False: "root later"}))
-    depths = sorted(int(d) for d in df["depth"].unique())
-    base = alt.Chart().encode(
-        x=alt.X("step:Q", title="training step", scale=_step_scale(df)),
-        y=alt.Y("accuracy:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
-        # a legend, not labels at the lines' ends: the depths often end at one accuracy
-        color=alt.Color(
-            "depth:O", title="depth", scale=_ramp(depths), legend=alt.Legend(orient="bottom")
-        ),
-        tooltip=[
-            "model",
-            "step",
-            "depth",
-            "programs",
-            alt.Tooltip("accuracy:Q", format=".3f"),
-            "n",
-        ],
-    )
-    return (
-        alt.layer(base.mark_line(), base.mark_point(), data=data)
-        .properties(width=PANEL, height=PANEL)
-        .facet(
-            row=alt.Row("run:N", title=None),
-            column=alt.Column("programs:N", title=None, sort=["root on line 1-2", "root later"]),
-        )
-        .properties(title="Binding accuracy across training, by chain depth")
-    )
-
-
-def root_effect_by_step(df: pd.DataFrame) -> alt.FacetChart:
-    """Layer x token label of the mean normalized effect of patching the root value into the
-    residual stream, one panel per checkpoint in step order (prefixed with the run where there
-    are several), on the patching heatmap's colour scale, shared by every panel."""
-    use_theme()
-    panel = "step " + df["step"].astype("int64").astype(str)
-    if df["run"].nunique() > 1:
-        panel = df["run"] + " · " + panel
-    data = df.assign(panel=panel)
-    order = list(dict.fromkeys(data.sort_values(["run", "step"])["panel"]))
-    return (
-        _label_heatmap(data, "step")
-        .facet(facet=alt.Facet("panel:N", title=None, sort=order), columns=5)
-        .properties(title="Effect of patching the root value into the residual stream, by step")
-    )
-
-
-def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
-    """Held-out accuracy of a linear probe on the residual stream entering each layer, one line
-    per step (darker: later), one column per position label, one row per training run; the
-    control task's accuracy in grey dashes (one per step), majority-class chance dotted."""
-    use_theme()
-    labels, order = _checkpoints(df)
-    data = df.assign(checkpoint=labels)
-    x = alt.X("layer:Q", title="layer (residual stream entering it)", axis=alt.Axis(tickMinStep=1))
-    accuracy = alt.Chart().encode(
-        x=x,
-        y=alt.Y("accuracy:Q", title="probe accuracy", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color(
-            "checkpoint:O",
-            title="step",
-            sort=order,
-            scale=_ramp(order),
-            legend=alt.Legend(orient="bottom"),
-        ),
-        tooltip=[
-            "model",
-            "step",
-            "layer",
-            "label",
-            "target",
-            alt.Tooltip("accuracy:Q", format=".3f"),
-            alt.Tooltip("control_accuracy:Q", format=".3f"),
-            alt.Tooltip("chance:Q", format=".3f"),
-            "n_test",
-        ],
-    )
-    control = (
-        alt.Chart()
-        .mark_line(color="#bbbbbb", strokeWidth=0.75, strokeDash=[4, 3])
-        .encode(x=x, y="control_accuracy:Q", detail="checkpoint:N")
-    )
-    chance = (
-        alt.Chart()
-        .transform_aggregate(chance="mean(chance)", groupby=["run", "label"])
-        .mark_rule(color=MUTED, strokeWidth=0.75, strokeDash=[1, 2])
-        .encode(y="chance:Q")
-    )
-    return (
-        alt.layer(control, chance, accuracy.mark_line(), accuracy.mark_point(), data=data)
-        .properties(width=PANEL, height=PANEL)
-        .facet(
-            row=alt.Row("run:N", title=None),
-            column=alt.Column(
-                "label:N", title=None, sort=_label_order(df["label"].unique()) if len(df) else None
-            ),
-        )
-        .properties(
-            title="Linear probe accuracy by layer across training (grey dashes: control task; "
-            "dotted: chance)"
-        )
     )
 
 

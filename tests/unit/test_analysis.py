@@ -11,6 +11,7 @@ import pytest
 
 from analysis import charts, connect, queries
 from analysis.__main__ import CHARTS, summary
+from tests.parquet_rows import write_part
 
 PROGRAMS = [
     # task, seq_len, program, depth, heuristic
@@ -102,14 +103,9 @@ def run_dir(tmp_path) -> Path:
     root.mkdir()
     pq.write_table(programs_table(), root / "programs.parquet")
     for model, correct in (("org/a", [True, True, False, True]), ("org/b", [True] * 4)):
-        escaped = model.replace("/", "--")
-        folder = root / "behavior" / f"model={escaped}" / "task=binding"
-        folder.mkdir(parents=True)
-        pq.write_table(behavior_table(model, correct), folder / "b1.parquet")
+        write_part(root, "behavior", model, "binding", behavior_table(model, correct), "b1")
         for site in ("resid_pre", "attn_head"):
-            folder = root / "patching" / f"model={escaped}" / f"site={site}"
-            folder.mkdir(parents=True)
-            pq.write_table(pa.Table.from_pylist(patching_rows(model, site)), folder / "p1.parquet")
+            write_part(root, "patching", model, site, patching_rows(model, site), "p1")
     # A half-written file left by a crash, in the temporary folder: readers must not see it.
     (root / ".tmp").mkdir()
     (root / ".tmp" / "p2.parquet.abc123").write_bytes(b"PAR1 truncated")

@@ -14,6 +14,7 @@ import pytest
 from actors.attribution import ATTRIBUTION_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import main, summary
+from tests.parquet_rows import write_part
 from tests.unit.test_analysis import PROGRAMS, patching_rows, programs_table
 
 LABELS = ["ref_depth_1_rhs", "query_var", "final_colon", None, ""]  # the last two: unlabelled
@@ -82,10 +83,8 @@ def attribution_rows(site: str, seed: int = 0) -> list[dict]:
     return rows
 
 
-def write(root: Path, site: str, rows: list[dict], model: str = "org--a") -> None:
-    folder = root / "attribution" / f"model={model}" / f"site={site}"
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / "s1.parquet")
+def write(root: Path, site: str, rows: list[dict], model: str = "org/a") -> None:
+    write_part(root, "attribution", model, site, rows, "s1", schema=SCHEMA)
 
 
 @pytest.fixture
@@ -98,10 +97,7 @@ def run_dir(tmp_path) -> Path:
     for site in ("resid_pre", "attn_head"):
         write(root, site, attribution_rows(site))
     for model in ("org/a", "org/b"):
-        folder = root / "patching" / f"model={model.replace('/', '--')}" / "site=resid_pre"
-        folder.mkdir(parents=True)
-        rows = patching_rows(model, "resid_pre")
-        pq.write_table(pa.Table.from_pylist(rows), folder / "p1.parquet")
+        write_part(root, "patching", model, "resid_pre", patching_rows(model, "resid_pre"), "p1")
     return root
 
 
@@ -333,10 +329,8 @@ def test_agreement_over_every_cell_the_run_also_patched(tmp_path) -> None:
             estimate = float(pa.array([exact + rng.gauss(0, 0.5)], pa.float32())[0].as_py())
             rows.append(cell(program, site, p["layer"], p["pos"], estimate, head=p["head"]))
         write(root, site, rows)
-        folder = root / "patching" / "model=org--a" / f"site={site}"
-        folder.mkdir(parents=True)
         # One patched cell without an estimate: the join leaves it out.
-        pq.write_table(pa.Table.from_pylist(patched), folder / "p1.parquet")
+        write_part(root, "patching", "org/a", site, patched, "p1")
     got = queries.run(connect(root), queries.AGREEMENT_ALL_CELLS).set_index("site")
     est = frame(root)
     pat = pq.read_table(root / "patching", partitioning=None).to_pandas()

@@ -5,7 +5,6 @@ control table and the by-label means against pandas, the chart and the CLI."""
 import random
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,29 +12,13 @@ import pytest
 
 from analysis import charts, connect, queries
 from analysis.__main__ import CHARTS, main, summary
-from analysis.db import EMPTY
 from orchestrator.tasks.counterfactuals import KINDS
+from tests.parquet_rows import view_schema, write_part
 from tests.unit.test_analysis import PROGRAMS, patching_rows, programs_table
 from tests.unit.test_attribution_analysis import cell
 from tests.unit.test_attribution_analysis import write as write_attribution
 
-TYPES = {
-    "VARCHAR": pa.string(),
-    "INTEGER": pa.int32(),
-    "BIGINT": pa.int64(),
-    "FLOAT": pa.float32(),
-    "BOOLEAN": pa.bool_(),
-}
-
-
-def view_schema() -> pa.Schema:
-    """The patching view's columns (`EMPTY`), as the Parquet schema of the files to write."""
-    con = duckdb.connect()
-    con.execute(f"CREATE TABLE patching ({EMPTY['patching']})")
-    return pa.schema([(r[0], TYPES[r[1]]) for r in con.execute("DESCRIBE patching").fetchall()])
-
-
-SCHEMA = view_schema()
+SCHEMA = view_schema("patching")
 LABELS = ("ref_depth_1_rhs", "distractor_rhs", "query_var", "final_colon")
 DROPPED = {(4, 0), (8, 1)}  # heuristic (root on line 1-2) and answered wrong
 
@@ -96,11 +79,9 @@ def kind_rows(model: str, site: str, kind: str, seed: int = 0) -> list[dict]:
 
 
 def write(root: Path, model: str, site: str, kinds: tuple[str, ...], name: str = "p") -> None:
-    folder = root / "patching" / f"model={model.replace('/', '--')}" / f"site={site}"
-    folder.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
-        table = pa.Table.from_pylist(kind_rows(model, site, kind), schema=SCHEMA)
-        pq.write_table(table, folder / f"{name}-{kind}.parquet")
+        rows = kind_rows(model, site, kind)
+        write_part(root, "patching", model, site, rows, f"{name}-{kind}", SCHEMA)
 
 
 def new_run(root: Path, kinds: tuple[str, ...] = KINDS) -> Path:

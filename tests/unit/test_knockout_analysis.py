@@ -3,13 +3,13 @@ the routing map over the kept programs, the root edge's top heads, the chart and
 
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from actors.knockout import KNOCKOUT_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import CHARTS, main, summary
+from tests.parquet_rows import write_part
 from tests.unit.test_analysis import PROGRAMS, behavior_table, programs_table
 
 SCHEMA = KNOCKOUT_SCHEMA  # the writer's own, so that the two cannot drift apart
@@ -76,15 +76,9 @@ def run_dir(tmp_path) -> Path:
     root.mkdir()
     pq.write_table(programs_table(), root / "programs.parquet")
     for model, scopes in (("org/a", ("answer", "later")), ("org/b", ("answer",))):
-        escaped = model.replace("/", "--")
         for scope in scopes:
-            folder = root / "knockout" / f"model={escaped}" / f"scope={scope}"
-            folder.mkdir(parents=True)
-            table = pa.Table.from_pylist(knockout_rows(model, scope), schema=SCHEMA)
-            pq.write_table(table, folder / "s1.parquet")
-        folder = root / "behavior" / f"model={escaped}" / "task=binding"
-        folder.mkdir(parents=True)
-        pq.write_table(behavior_table(model, [True] * 4), folder / "b1.parquet")
+            write_part(root, "knockout", model, scope, knockout_rows(model, scope), "s1", SCHEMA)
+        write_part(root, "behavior", model, "binding", behavior_table(model, [True] * 4), "b1")
     return root
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from analysis import connect
@@ -24,6 +23,7 @@ from orchestrator import sweep as sweep_module
 from orchestrator.__main__ import check_prompts_spec, main
 from orchestrator.sink import ResultsDir
 from orchestrator.spec import parse_spec
+from tests.parquet_rows import write_part
 
 DIGITS = set("0123456789")
 
@@ -75,10 +75,7 @@ def patching_table(model: str, programs: list[tuple[int, int, str]], layers: int
 
 
 def write(root: Path, kind: str, model: str, name: str, table: pa.Table) -> None:
-    sub = "task=binding" if kind == "behavior" else "site=resid_pre"
-    folder = root / kind / f"model={model.replace('/', '--')}" / sub
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, folder / f"{name}.parquet")
+    write_part(root, kind, model, "binding" if kind == "behavior" else "resid_pre", table, name)
 
 
 # org/a: behaviour rows (4 of 10 top-1s are no digit, 3 of them a space) and patching rows that

@@ -4,32 +4,16 @@ the shortcut peak, the chain move, the probe's first layer), the charts and the 
 
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import charts, connect, queries
+from analysis import charts, connect, queries, trajectory
 from analysis.__main__ import CHARTS, main, summary
 from analysis.db import EMPTY
+from tests.parquet_rows import part_folder, view_schema
 from tests.unit.test_analysis import PROGRAMS, behavior_table, patching_rows, programs_table
-
-TYPES = {
-    "VARCHAR": pa.string(),
-    "INTEGER": pa.int32(),
-    "BIGINT": pa.int64(),
-    "FLOAT": pa.float32(),
-    "BOOLEAN": pa.bool_(),
-}
-
-
-def view_schema(view: str) -> pa.Schema:
-    """A view's columns (`EMPTY`) as the Parquet schema of the files to write (maps left out)."""
-    con = duckdb.connect()
-    con.execute(f"CREATE TABLE {view} ({EMPTY[view]})")
-    rows = con.execute(f"DESCRIBE {view}").fetchall()
-    return pa.schema([(r[0], TYPES[r[1]]) for r in rows if r[1] in TYPES])
 
 
 def f32(value: float) -> float:
@@ -192,9 +176,7 @@ def probe_rows(model: str, shard: int) -> list[dict]:
 
 def write(root: Path, view: str, model: str, part: str, rows: list[dict], old=False) -> None:
     """One file of `rows` in `view`'s folder for `model`; `old`: without the step column."""
-    key = {"patching": "site", "behavior": "task", "probes": "task"}[view]
-    folder = root / view / f"model={model.replace('/', '--')}" / f"{key}={part}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = part_folder(root, view, model, part)
     table = pa.Table.from_pylist(rows, schema=view_schema(view))
     if old:
         table = table.drop_columns(["step"])
@@ -246,7 +228,7 @@ def test_step_reads_null_in_old_files_and_its_value_in_new_ones(run_dir, tmp_pat
         if view != "programs":
             assert columns["step"] == "BIGINT"
     assert con.execute("SELECT count(*), count(step) FROM behavior").fetchone() == (4, 0)
-    for sql in (queries.ACCURACY_BY_STEP, queries.SHORTCUT_PEAK, queries.PROBES_BY_STEP):
+    for sql in (trajectory.ACCURACY_BY_STEP, trajectory.SHORTCUT_PEAK, trajectory.PROBES_BY_STEP):
         assert len(queries.run(con, sql)) == 0
 
 
@@ -259,7 +241,7 @@ def test_the_probes_view_has_the_writers_columns_then_the_step(tmp_path) -> None
 
 
 def test_accuracy_by_step_matches_pandas_and_leaves_out_models_without_a_step(run_dir) -> None:
-    got = queries.run(connect(run_dir), queries.ACCURACY_BY_STEP)
+    got = queries.run(connect(run_dir), trajectory.ACCURACY_BY_STEP)
     key = ["run", "step", "model", "depth", "heuristic"]
     assert list(got.columns) == [*key, "accuracy", "n"]
     df = frame(run_dir, "behavior")
@@ -284,7 +266,7 @@ def kept(root: Path) -> pd.DataFrame:
 
 
 def test_root_effect_by_step_matches_pandas(run_dir) -> None:
-    got = queries.run(connect(run_dir), queries.ROOT_EFFECT_BY_STEP)
+    got = queries.run(connect(run_dir), trajectory.ROOT_EFFECT_BY_STEP)
     key = ["run", "step", "model", "site", "layer", "label"]
     assert list(got.columns) == [*key, "mean_effect", "n"]
     df = kept(run_dir)
@@ -301,12 +283,12 @@ def test_root_effect_by_step_matches_pandas(run_dir) -> None:
         ("models/traj-step1000", 1, "ref_depth_2_rhs")
     ]
     assert cell.n == 2 and cell.mean_effect == pytest.approx(0.55, abs=1e-6)
-    every = queries.run(connect(run_dir), queries.ROOT_EFFECT_BY_STEP, include_all=True)
+    every = queries.run(connect(run_dir), trajectory.ROOT_EFFECT_BY_STEP, include_all=True)
     assert set(every.n) == {4} and every.mean_effect.max() > 4, "9.0 read in"
 
 
 def test_probes_average_shards_weighted_by_their_held_out_programs(run_dir) -> None:
-    got = queries.run(connect(run_dir), queries.PROBES_BY_STEP)
+    got = queries.run(connect(run_dir), trajectory.PROBES_BY_STEP)
     key = ["run", "step", "model", "layer", "label", "target"]
     assert list(got.columns) == [
         *key,
@@ -339,7 +321,7 @@ def test_probes_average_shards_weighted_by_their_held_out_programs(run_dir) -> N
 
 
 def test_shortcut_peak_is_the_step_of_the_largest_gap(run_dir) -> None:
-    got = queries.run(connect(run_dir), queries.SHORTCUT_PEAK)
+    got = queries.run(connect(run_dir), trajectory.SHORTCUT_PEAK)
     rows = {
         r.run: (r.step, r.model, r.heuristic_accuracy, r.non_heuristic_accuracy, r.gap)
         for r in got.itertuples()
@@ -360,8 +342,8 @@ def test_shortcut_peak_is_the_step_of_the_largest_gap(run_dir) -> None:
 
 
 def test_chain_move_is_the_first_step_past_the_threshold(run_dir) -> None:
-    assert queries.CHAIN_MOVE_EFFECT == 0.5 and queries.CHAIN_MOVE_LABEL == "ref_depth_2_rhs"
-    got = queries.run(connect(run_dir), queries.CHAIN_MOVE)
+    assert trajectory.CHAIN_MOVE_EFFECT == 0.5 and trajectory.CHAIN_MOVE_LABEL == "ref_depth_2_rhs"
+    got = queries.run(connect(run_dir), trajectory.CHAIN_MOVE)
     assert list(got.columns) == [
         "run",
         "step",
@@ -387,7 +369,7 @@ def test_chain_move_is_the_first_step_past_the_threshold(run_dir) -> None:
     crossed = means[means.norm_effect > 0.5].groupby("run").step.min().to_dict()
     assert crossed == {"models/traj": 1000}
     # every program (the dropped ones read 9.0) crosses at the first step
-    every = queries.run(connect(run_dir), queries.CHAIN_MOVE, include_all=True)
+    every = queries.run(connect(run_dir), trajectory.CHAIN_MOVE, include_all=True)
     assert dict(zip(every.run, every.step, strict=True)) == {
         "models/other": 500,
         "models/traj": 250,
@@ -395,8 +377,8 @@ def test_chain_move_is_the_first_step_past_the_threshold(run_dir) -> None:
 
 
 def test_probe_first_layer_is_the_first_past_the_threshold(run_dir) -> None:
-    assert queries.PROBE_ACCURACY == 0.9
-    got = queries.run(connect(run_dir), queries.PROBE_FIRST_LAYER)
+    assert trajectory.PROBE_ACCURACY == 0.9
+    got = queries.run(connect(run_dir), trajectory.PROBE_FIRST_LAYER)
     assert list(got.columns) == [
         "run",
         "step",
@@ -421,7 +403,7 @@ def test_probe_first_layer_is_the_first_past_the_threshold(run_dir) -> None:
     assert first.loc["models/traj-step1000", "accuracy"] == pytest.approx(0.92, abs=1e-6)
     assert first.loc["models/traj-step250", "max_accuracy"] == pytest.approx(0.75, abs=1e-6)
     assert first.loc["org/base", "selectivity"] == pytest.approx(0.95 - 0.225, abs=1e-6)
-    best = queries.run(connect(run_dir), queries.PROBE_BEST_LAYER)
+    best = queries.run(connect(run_dir), trajectory.PROBE_BEST_LAYER)
     colon = best[best.label == "final_colon"].set_index("model").layer.to_dict()
     assert colon == {
         "models/traj-step250": 3,  # (0.8 * 30 + 0.6 * 10) / 40 = 0.75
@@ -433,9 +415,9 @@ def test_probe_first_layer_is_the_first_past_the_threshold(run_dir) -> None:
 
 
 def test_accuracy_by_step_chart(run_dir, tmp_path) -> None:
-    assert CHARTS["accuracy_by_step"] == (queries.ACCURACY_BY_STEP, charts.accuracy_by_step)
-    df = queries.run(connect(run_dir), queries.ACCURACY_BY_STEP)
-    chart = charts.accuracy_by_step(df)
+    assert CHARTS["accuracy_by_step"] == (trajectory.ACCURACY_BY_STEP, trajectory.accuracy_by_step)
+    df = queries.run(connect(run_dir), trajectory.ACCURACY_BY_STEP)
+    chart = trajectory.accuracy_by_step(df)
     spec = chart.to_dict()
     assert {k: v["field"] for k, v in spec["facet"].items()} == {"row": "run", "column": "programs"}
     line, points = spec["spec"]["layer"]
@@ -453,7 +435,7 @@ def test_accuracy_by_step_chart(run_dir, tmp_path) -> None:
     assert {r["run"] for r in rows} == {"models/traj", "models/other"}
     assert {r["programs"] for r in rows} == {"root on line 1-2", "root later"}
     assert spec["config"]["axis"]["grid"] is False, "the theme is on"
-    initial = charts.accuracy_by_step(df.assign(step=df.step - 250)).to_dict()
+    initial = trajectory.accuracy_by_step(df.assign(step=df.step - 250)).to_dict()
     assert initial["spec"]["layer"][0]["encoding"]["x"]["scale"] == {"type": "symlog"}, "step 0"
     png, svg, _ = charts.save(chart, tmp_path, "accuracy_by_step")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and svg.read_text().lstrip()[:4] == "<svg"
@@ -461,12 +443,12 @@ def test_accuracy_by_step_chart(run_dir, tmp_path) -> None:
 
 def test_root_effect_by_step_chart(run_dir, tmp_path) -> None:
     assert CHARTS["root_effect_by_step"] == (
-        queries.ROOT_EFFECT_BY_STEP,
-        charts.root_effect_by_step,
+        trajectory.ROOT_EFFECT_BY_STEP,
+        trajectory.root_effect_by_step,
     )
-    df = queries.run(connect(run_dir), queries.ROOT_EFFECT_BY_STEP)
+    df = queries.run(connect(run_dir), trajectory.ROOT_EFFECT_BY_STEP)
     traj = df[df.run == "models/traj"]
-    spec = charts.root_effect_by_step(traj).to_dict()
+    spec = trajectory.root_effect_by_step(traj).to_dict()
     assert spec["facet"]["field"] == "panel" and spec["columns"] == 5
     assert spec["facet"]["sort"] == ["step 250", "step 1000", "step 4000"], "in step order"
     enc = spec["spec"]["encoding"]
@@ -479,7 +461,7 @@ def test_root_effect_by_step_chart(run_dir, tmp_path) -> None:
     heat = charts.patching_heatmap(traj).to_dict()["spec"]["encoding"]["color"]
     assert enc["color"] == heat, "the patching heatmap's scale"
     assert enc["color"]["scale"]["domain"] == pytest.approx([-1.05, 1.05], abs=1e-6)
-    chart = charts.root_effect_by_step(df)
+    chart = trajectory.root_effect_by_step(df)
     both = chart.to_dict()["facet"]["sort"]
     assert both == [
         "models/other · step 500",
@@ -493,9 +475,9 @@ def test_root_effect_by_step_chart(run_dir, tmp_path) -> None:
 
 
 def test_probes_by_step_chart(run_dir, tmp_path) -> None:
-    assert CHARTS["probes_by_step"] == (queries.PROBES_BY_STEP, charts.probes_by_step)
-    df = queries.run(connect(run_dir), queries.PROBES_BY_STEP)
-    chart = charts.probes_by_step(df)
+    assert CHARTS["probes_by_step"] == (trajectory.PROBES_BY_STEP, trajectory.probes_by_step)
+    df = queries.run(connect(run_dir), trajectory.PROBES_BY_STEP)
+    chart = trajectory.probes_by_step(df)
     spec = chart.to_dict()
     assert {k: v["field"] for k, v in spec["facet"].items()} == {"row": "run", "column": "label"}
     assert spec["facet"]["column"]["sort"] == ["ref_depth_1_rhs", "final_colon"]
