@@ -32,23 +32,21 @@ of a 32-layer, 4096-wide model.
 """
 
 import dataclasses
-import hashlib
 import logging
-import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from actors.budget import BatchSized, Footprint, auto_budget
 from actors.engine import hidden_of, installed
 from actors.execute import in_parts
 from actors.loading import LoadedModel
+from actors.probe_fit import as_program, control_labels, fit_probe, majority, seed_hash, split
 from actors.targets import label_positions
 from orchestrator.tasks.base import Program
 from orchestrator.tasks.binding import MAX_DEPTH
@@ -74,10 +72,6 @@ REF_DEPTH = re.compile(r"ref_depth_(\d+)_rhs")
 LABELS: tuple[str, ...] = (*(f"ref_depth_{k}_rhs" for k in range(1, MAX_DEPTH + 1)), FINAL)
 TARGETS: dict[str, str] = {"ref_depth": "root_value", "final_colon": "answer"}
 
-MAX_ITER = 200  # L-BFGS iterations (one full-batch step of `torch.optim.LBFGS`)
-HISTORY = 20  # L-BFGS curvature pairs kept
-STD_MIN = 1e-6  # a feature's std below this is taken as this (a constant feature stays 0)
-
 PROBES_SCHEMA = pa.schema(
     [
         ("model", pa.string()),
@@ -95,11 +89,6 @@ PROBES_SCHEMA = pa.schema(
         ("n_classes", pa.int32()),
     ]
 )
-
-
-def _hash(*parts: object) -> int:
-    key = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big")
 
 
 def target_of(label: str) -> str:
@@ -125,112 +114,6 @@ def _label_order(label: str) -> tuple[int, int]:
     return (0, int(match.group(1))) if match else (1, 0)
 
 
-def split(
-    programs: Sequence[Program | Mapping], train_fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """Train and test indices into `programs`: the `round(train_fraction * n)` programs first
-    by a SHA-256 of (seed, task, seq_len, index) are the train split.
-
-    A program's rank depends on it alone, so the split of a set of programs is the same in
-    any order (Python's `round` halves to even: 5 programs at 0.5 give 2 train).
-
-    Returns:
-        (train, test), each ascending.
-
-    Raises:
-        ValueError: `train_fraction` not strictly between 0 and 1.
-    """
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction={train_fraction} must be strictly between 0 and 1")
-    progs = [_as_program(p) for p in programs]
-    ranked = sorted(
-        range(len(progs)),
-        key=lambda i: (_hash(seed, progs[i].task, progs[i].seq_len, progs[i].index), i),
-    )
-    n_train = round(train_fraction * len(progs))
-    return sorted(ranked[:n_train]), sorted(ranked[n_train:])
-
-
-def control_labels(variables: Sequence[str], n_classes: int, seed: int) -> list[int]:
-    """The control task's labels: each variable's class in `range(n_classes)`, drawn from a
-    `random.Random` seeded by (seed, variable), so a variable always has one class whatever
-    the other variables are, and different variables are drawn independently.
-
-    Raises:
-        ValueError: `n_classes` < 1.
-    """
-    if n_classes < 1:
-        raise ValueError(f"n_classes={n_classes} must be >= 1")
-    drawn: dict[str, int] = {}
-    for var in variables:
-        if var not in drawn:
-            drawn[var] = random.Random(_hash(seed, var)).randrange(n_classes)
-    return [drawn[var] for var in variables]
-
-
-def fit_probe(
-    x_train: Float[Tensor, "train d"],
-    y_train: Int[Tensor, " train"],
-    x_test: Float[Tensor, "test d"],
-    y_test: Int[Tensor, " test"],
-    n_classes: int,
-    l2: float,
-) -> float:
-    """Fit a multinomial logistic-regression probe on the train split; its test accuracy.
-
-    Settings: float64 on the CPU; features standardised by the train split's mean and std
-    (clamped at `STD_MIN`); loss = mean cross-entropy + `l2 * ||W||^2` (the bias is not
-    penalised); weights and bias start at zero; one full-batch `torch.optim.LBFGS` step of up
-    to `MAX_ITER` iterations with a strong-Wolfe line search and `HISTORY` curvature pairs.
-    Nothing is random, so the same inputs give the same accuracy.
-
-    Args:
-        x_train / x_test: features, one row per example.
-        y_train / y_test: classes in `range(n_classes)`.
-        n_classes: the number of classes (some may be absent from the train split).
-        l2: the penalty's weight (> 0 keeps separable data's weights finite).
-
-    Returns:
-        The fraction of test examples whose highest-scoring class is their own.
-
-    Raises:
-        ValueError: an empty split, a class out of range, or a negative `l2`.
-    """
-    if len(x_train) == 0 or len(x_test) == 0:
-        raise ValueError(f"empty split: {len(x_train)} train, {len(x_test)} test examples")
-    if l2 < 0:
-        raise ValueError(f"l2={l2} must be >= 0")
-    for name, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.min() < 0 or y.max() >= n_classes:
-            raise ValueError(f"{name} has classes outside range({n_classes}): {y.unique()}")
-    x_tr = x_train.detach().to("cpu", torch.float64)
-    x_te = x_test.detach().to("cpu", torch.float64)
-    mean, std = x_tr.mean(0), x_tr.std(0, correction=0).clamp_min(STD_MIN)
-    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-    y_tr = y_train.to("cpu", torch.long)
-    weight = torch.zeros(x_tr.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=MAX_ITER,
-        history_size=HISTORY,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x_tr @ weight + bias, y_tr) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        predicted = (x_te @ weight + bias).argmax(1)
-    return (predicted == y_test.to("cpu", torch.long)).double().mean().item()
-
-
 @dataclasses.dataclass(frozen=True)
 class Examples:
     """One (layer, label)'s examples: the residual stream entering the layer at the label's
@@ -239,10 +122,6 @@ class Examples:
 
     x: Float[Tensor, "example d_model"]
     programs: list[int]
-
-
-def _as_program(program: Program | Mapping) -> Program:
-    return Program.from_dict(dict(program)) if isinstance(program, Mapping) else program
 
 
 def _check_binding(programs: Sequence[Program]) -> None:
@@ -262,10 +141,6 @@ def variable_at(program: Program, label: str) -> str:
     start = program.spans[label][0]
     line = program.text[program.text.rfind("\n", 0, start) + 1 : start]
     return line.split("=")[0].strip()
-
-
-def _majority(y: Tensor) -> float:
-    return torch.bincount(y).max().item() / len(y)
 
 
 class Prober(BatchSized):
@@ -416,7 +291,7 @@ class Prober(BatchSized):
             ValueError: a program of another family, a label with no target, a layer out of
                 range.
         """
-        progs = [_as_program(p) for p in programs]
+        progs = [as_program(p) for p in programs]
         _check_binding(progs)
         names = self._labels(progs, labels)
         examples, self.skipped = self._gather(progs, self._layers(layers), names)
@@ -460,7 +335,7 @@ class Prober(BatchSized):
             torch.OutOfMemoryError: with an integer batch size, a forward that does not fit;
                 with `auto`, not even one program per forward.
         """
-        progs = [_as_program(p) for p in programs]
+        progs = [as_program(p) for p in programs]
         _check_binding(progs)
         layers = self._layers(layers)
         self._labels(progs, labels)  # fails on a bad label before any forward
@@ -501,7 +376,7 @@ class Prober(BatchSized):
         classes = sorted(set(answers))
         y = torch.tensor([classes.index(a) for a in answers])
         variables = [variable_at(group[g], label) for g in ex.programs]
-        control = torch.tensor(control_labels(variables, len(classes), _hash(seed, label)))
+        control = torch.tensor(control_labels(variables, len(classes), seed_hash(seed, label)))
         tr_i, te_i = torch.tensor(tr), torch.tensor(te)
         x_tr, x_te = ex.x[tr_i], ex.x[te_i]
         n = len(classes)
@@ -510,8 +385,8 @@ class Prober(BatchSized):
             "target": target_of(label),
             "accuracy": fit_probe(x_tr, y[tr_i], x_te, y[te_i], n, self.l2),
             "control_accuracy": fit_probe(x_tr, control[tr_i], x_te, control[te_i], n, self.l2),
-            "chance": _majority(y[te_i]),
-            "control_chance": _majority(control[te_i]),
+            "chance": majority(y[te_i]),
+            "control_chance": majority(control[te_i]),
             "n_train": len(tr),
             "n_test": len(te),
             "n_classes": n,
