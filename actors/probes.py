@@ -2,7 +2,9 @@
 (Hewitt & Liang 2019, "Designing and Interpreting Probes with Control Tasks").
 
 For each (layer, label) a multinomial logistic-regression probe reads the residual stream
-entering the layer (patching's `resid_pre` site) at the label's token, fitted on a train split
+entering the layer (patching's `resid_pre` site; layer `n_layers` is the stream leaving the
+last layer, before the final norm, where the answer is written) at the label's token, fitted
+on a train split
 of the programs and scored on the rest. A probe that reads a target well may only have
 memorised something the position carries anyway, so each probe has a *control task* of the
 same size: the labels are a fixed random function of the variable at the position (the
@@ -43,7 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from actors.budget import BatchSized, Footprint, auto_budget
-from actors.engine import hidden_of, installed
+from actors.engine import hidden_of, installed, output_of
 from actors.execute import in_parts
 from actors.loading import LoadedModel
 from actors.probe_fit import as_program, control_labels, fit_probe, majority, seed_hash, split
@@ -180,10 +182,13 @@ class Prober(BatchSized):
 
     def _layers(self, layers: Sequence[int] | None) -> list[int]:
         n = self.arch.n_layers
-        chosen = list(range(n)) if layers is None else sorted(set(layers))
-        bad = [x for x in chosen if not 0 <= x < n]
+        chosen = list(range(n + 1)) if layers is None else sorted(set(layers))
+        bad = [x for x in chosen if not 0 <= x <= n]
         if bad:
-            raise ValueError(f"{self.lm.name}: layers {bad} out of range 0..{n - 1}")
+            raise ValueError(
+                f"{self.lm.name}: layers {bad} out of range 0..{n} ({n}: the residual stream "
+                "leaving the last layer)"
+            )
         return chosen
 
     def _rows_per_forward(self, n_tokens: int) -> int:
@@ -211,19 +216,27 @@ class Prober(BatchSized):
     def _forward(
         self, ids: list[list[int]], rows: list[int], pos: list[int], layers: list[int]
     ) -> dict[int, Float[Tensor, "example d_model"]]:
-        """Per layer, the residual stream entering it at (batch row `rows[i]`, `pos[i]`)."""
+        """Per layer, the residual stream entering it at (batch row `rows[i]`, `pos[i]`); at
+        layer `n_layers`, the stream leaving the last layer (before the final norm)."""
         kept: dict[int, Tensor] = {}
         index = torch.tensor(rows), torch.tensor(pos)
 
+        def store(layer: int, hidden: Tensor) -> None:
+            r, p = (t.to(hidden.device) for t in index)
+            kept[layer] = hidden[r, p].float().cpu()
+
         def keep(layer: int):
             def fn(module, args, kwargs):
-                hidden = hidden_of(args, kwargs)
-                r, p = (t.to(hidden.device) for t in index)
-                kept[layer] = hidden[r, p].float().cpu()
+                store(layer, hidden_of(args, kwargs))
 
             return fn
 
-        hooks = [(self.arch.layers[x], "pre", keep(x)) for x in layers]
+        def keep_last(module, args, out):
+            store(self.arch.n_layers, output_of(out))
+
+        n = self.arch.n_layers
+        hooks = [(self.arch.layers[x], "pre", keep(x)) for x in layers if x < n]
+        hooks += [(self.arch.layers[n - 1], "post", keep_last)] if n in layers else []
         with installed(hooks):
             self.lm.model.base_model(
                 input_ids=torch.tensor(ids, device=self.lm.device), use_cache=False
@@ -280,7 +293,8 @@ class Prober(BatchSized):
 
         Args:
             programs: binding `Program`s (or their `to_dict()`).
-            layers: layer indices (default: all).
+            layers: layer indices 0..n_layers, n_layers the stream leaving the last layer
+                (default: all of them).
             labels: the labels to read (default: `LABELS` as the programs have them).
 
         Returns:
@@ -317,7 +331,8 @@ class Prober(BatchSized):
         Args:
             programs: binding `Program`s (or their `to_dict()`); programs of several
                 (task, seq_len) are probed a group at a time.
-            layers: layer indices (default: all).
+            layers: layer indices 0..n_layers, n_layers the stream leaving the last layer
+                (default: all of them).
             labels: the labels to probe (default: every `ref_depth_<k>_rhs` the group's
                 programs have, and `final_colon`).
             seed: seeds the split and, with the label (`SHA-256(seed, label)`), the control

@@ -53,11 +53,13 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
             experiment = getattr(spec.experiments, kind)
             if experiment is None or experiment.layers is None:
                 continue
-            bad = [x for x in experiment.layers if x >= n_layers[model.id]]
+            # Probes read one more: the stream leaving the last layer.
+            last = n_layers[model.id] - (0 if kind == "probes" else 1)
+            bad = [x for x in experiment.layers if x > last]
             if bad:
                 problems.append(
                     f"  experiments.{kind}.layers = {experiment.layers}: {bad} out of range for "
-                    f"{model.id} (layers 0..{n_layers[model.id] - 1}); fix: drop them, or omit "
+                    f"{model.id} (layers 0..{last}); fix: drop them, or omit "
                     "layers to use every layer"
                 )
     _raise(path, problems)

@@ -140,6 +140,7 @@ class ProbesSpec(Strict):
     shard, on its programs alone, so `programs_per_shard` is the probe's data; one forward
     gives every layer, so a shard holds every requested layer."""
 
+    # 0..n_layers, n_layers being the residual stream leaving the last layer; None: all.
     layers: list[NonNegativeInt] | None = None
     # None: every ref_depth_k_rhs and final_colon.
     labels: Annotated[list[str], Field(min_length=1)] | None = None

@@ -122,7 +122,9 @@ def layer_groups(kind: str, experiment: Any, n_layers: int) -> list[tuple[int, .
     one forward pass gives every layer's activations (out of memory still splits either by
     layers, `split`)."""
     if kind in ("attribution", "probes"):
-        wanted = range(n_layers) if experiment.layers is None else experiment.layers
+        # Probes also read the stream leaving the last layer (layer `n_layers`).
+        every = range(n_layers + 1) if kind == "probes" else range(n_layers)
+        wanted = every if experiment.layers is None else experiment.layers
         return [tuple(sorted(set(wanted)))]
     return layer_blocks(n_layers, experiment.layers, experiment.layers_per_shard)
 

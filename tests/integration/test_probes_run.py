@@ -52,7 +52,7 @@ def test_probes_over_checkpoints_write_stepped_rows_then_resume(tmp_path, ray_ad
     assert [(m.id, m.step) for m in spec.models] == [(models[0], 10), (models[1], 20)]
     shards = list(iter_shards(spec, dict.fromkeys(models, 2)))
     probes = [s for s in shards if s.kind == "probes"]
-    assert [(s.model, s.layers, s.n) for s in probes] == [(m, (0, 1), N) for m in models]
+    assert [(s.model, s.layers, s.n) for s in probes] == [(m, (0, 1, 2), N) for m in models]
     files = sorted((results / "probes").rglob("*.parquet"))
     assert files == sorted(
         results / "probes" / f"model={escape_model(s.model)}" / "task=binding" / f"{s.id}.parquet"
@@ -61,7 +61,7 @@ def test_probes_over_checkpoints_write_stepped_rows_then_resume(tmp_path, ray_ad
     step_of = {models[0]: 10, models[1]: 20}
     rows = read_rows(results, "probes")
     assert {(r["model"], r["step"]) for r in rows} == set(step_of.items())
-    assert {(r["layer"], r["label"]) for r in rows} >= {(0, "final_colon"), (1, "final_colon")}
+    assert {(r["layer"], r["label"]) for r in rows} >= {(x, "final_colon") for x in (0, 1, 2)}
     assert all(0 <= r["accuracy"] <= 1 and r["n_train"] + r["n_test"] <= N for r in rows)
     behavior = read_rows(results, "behavior")
     assert sorted((r["model"], r["program"]) for r in behavior) == [

@@ -149,7 +149,9 @@ def test_activations_are_hidden_states(lm) -> None:
     prober = Prober(lm, batch_size=16)  # several forwards per length, one partly full
     examples = prober.activations(programs)
     labels = ["ref_depth_1_rhs", "ref_depth_2_rhs", "ref_depth_3_rhs", "ref_depth_4_rhs"]
-    assert set(examples) == {(x, y) for x in range(N_LAYERS) for y in [*labels, "final_colon"]}
+    # Layers 0..N_LAYERS: N_LAYERS is the stream leaving the last layer.
+    every = range(N_LAYERS + 1)
+    assert set(examples) == {(x, y) for x in every for y in [*labels, "final_colon"]}
     assert prober.skipped == []
     with torch.no_grad():
         hidden = [
@@ -164,7 +166,9 @@ def test_activations_are_hidden_states(lm) -> None:
         assert ex.x.shape == (len(having), lm.arch.d_model) and ex.x.dtype == torch.float32
         # One token per character after `<s>`: a span's last token is at its end offset.
         want = torch.stack([hidden[g][layer][0, programs[g].spans[label][1]] for g in having])
-        torch.testing.assert_close(ex.x, want, atol=1e-5, rtol=1e-5)
+        # Hugging Face's last hidden state has the final norm applied; the probe reads before.
+        got = ex.x if layer < N_LAYERS else lm.model.base_model.norm(ex.x).detach()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # Layers and labels asked for are all that is read.
     only = prober.activations(programs, layers=[1], labels=["final_colon"])
     assert set(only) == {(1, "final_colon")}
@@ -180,14 +184,14 @@ def test_probe_table(lm) -> None:
     labels = ["ref_depth_1_rhs", "ref_depth_2_rhs", "ref_depth_3_rhs", "ref_depth_4_rhs"]
     keys = [(r["seq_len"], r["layer"], r["label"]) for r in rows]
     # seq_len 6: 12 programs, 3 of depth 4 (indices 3, 7, 11): whatever the split gives them.
-    assert keys[: len(keys) - 10] == [
+    assert keys[: len(keys) - 15] == [
         (6, layer, label)
-        for layer in range(N_LAYERS)
+        for layer in range(N_LAYERS + 1)
         for label in [*labels, "final_colon"]
         if (6, layer, label) in keys
     ]
-    assert keys[-10:] == [
-        (8, layer, label) for layer in range(N_LAYERS) for label in [*labels, "final_colon"]
+    assert keys[-15:] == [
+        (8, layer, label) for layer in range(N_LAYERS + 1) for label in [*labels, "final_colon"]
     ]
     for r in rows:
         group = [p for p in programs if p.seq_len == r["seq_len"]]
@@ -246,6 +250,6 @@ def test_refuses_other_families_and_bad_arguments(lm) -> None:
     with pytest.raises(ValueError, match="query_var"):
         prober.probe(binding, labels=["query_var"])
     with pytest.raises(ValueError, match="out of range"):
-        prober.probe(binding, layers=[N_LAYERS])
+        prober.probe(binding, layers=[N_LAYERS + 1])
     with pytest.raises(ValueError, match="batch_size"):
         Prober(lm, batch_size=0)

@@ -137,8 +137,8 @@ def test_probes_shards_hold_every_layer_and_no_site() -> None:
     assert counts["probes"] == len(shards)
     assert sum(counts.values()) == len(list(iter_shards(spec, N_LAYERS)))
     assert {s.model: s.layers for s in shards} == {
-        "org/model-a": tuple(range(7)),
-        "models/local-b": (0, 1),
+        "org/model-a": tuple(range(8)),  # 7 layers, and the stream leaving the last
+        "models/local-b": (0, 1, 2),
     }
     assert {(s.site, s.counterfactual, s.task) for s in shards} == {(None, "root_value", "binding")}
     assert [(s.seq_len, s.start, s.n) for s in shards[:6]] == [
@@ -154,7 +154,7 @@ def test_probes_shards_hold_every_layer_and_no_site() -> None:
     assert ResultsDir(Path("/r/run")).shard_path(first) == Path(
         f"/r/run/probes/model=org--model-a/task=binding/{first.id}.parquet"
     )
-    assert first.describe() == "probes binding seq_len=4 programs 0-19 layers 0-6"
+    assert first.describe() == "probes binding seq_len=4 programs 0-19 layers 0-7"
     assert len({s.id for s in shards}) == len(shards)
     others = {s.id for s in iter_shards(spec, N_LAYERS) if s.kind != "probes"}
     assert not others & {s.id for s in shards}, "a kind's ids are its own"
@@ -180,8 +180,8 @@ def test_probes_shard_ids_change_with_what_changes_rows() -> None:
     ):
         new = [s.id for s in probes(probes_spec(**changed))]
         assert len(new) == len(base) and not set(new) & set(base), changed
-    # Layers count through the shard's own: local-b's two layers are all of its layers.
-    two = {s.id: s.model for s in probes(probes_spec(layers=[0, 1]))}
+    # Layers count through the shard's own: 0-2 are all of local-b's (two, and the last out).
+    two = {s.id: s.model for s in probes(probes_spec(layers=[0, 1, 2]))}
     assert {i for i, m in two.items() if m == "models/local-b"} <= set(base)
     assert not {i for i, m in two.items() if m == "org/model-a"} & set(base)
     # The order of the labels decides no row.
@@ -203,7 +203,7 @@ def test_probes_shard_ids_change_with_what_changes_rows() -> None:
 def test_a_probes_shard_splits_by_layers_never_by_programs() -> None:
     shard = next(s for s in probes(probes_spec()) if s.model == "models/local-b")
     a, b = split(shard)
-    assert (a.layers, b.layers, a.n, b.n) == ((0,), (1,), 20, 20)
+    assert (a.layers, b.layers, a.n, b.n) == ((0,), (1, 2), 20, 20)
     assert (a.part, b.part, a.id, b.id) == ((0, 2), (1, 2), shard.id, shard.id)
     message = (
         f"probes shard {a.file_stem} has one layer, and its programs are its probe's data, so "
@@ -233,13 +233,13 @@ def test_the_identity_has_probes_only_when_the_spec_does() -> None:
 
 def test_probe_layers_are_checked_against_each_model(tmp_path) -> None:
     model = str(snapshot(tmp_path / "six", step=1))
-    spec = spec_with(models=[{"id": model}], experiments__probes={**PROBES, "layers": [2, 5]})
-    assert check_models(spec) == {model: CONFIG_LAYERS}
     spec = spec_with(models=[{"id": model}], experiments__probes={**PROBES, "layers": [2, 6]})
+    assert check_models(spec) == {model: CONFIG_LAYERS}, "6: the stream out of the last layer"
+    spec = spec_with(models=[{"id": model}], experiments__probes={**PROBES, "layers": [2, 7]})
     with pytest.raises(SpecError) as err:
         check_models(spec, "unit.yaml")
     assert (
-        f"  experiments.probes.layers = [2, 6]: [6] out of range for {model} (layers 0..5); "
+        f"  experiments.probes.layers = [2, 7]: [7] out of range for {model} (layers 0..6); "
         "fix: drop them, or omit layers to use every layer"
     ) in str(err.value)
 

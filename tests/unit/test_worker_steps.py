@@ -121,7 +121,7 @@ def test_the_worker_makes_one_prober_and_asks_it_for_the_shard(checkpoint, recor
     labels = ["final_colon", "ref_depth_1_rhs"]
     worker = ModelWorker(_config(spec, l2=0.25, train_fraction=0.7, labels=labels))
     shard = _first(shards, "probes")
-    assert (shard.layers, shard.site, shard.n) == ((0, 1), None, N)
+    assert (shard.layers, shard.site, shard.n) == ((0, 1, 2), None, N)
     result = worker.run(shard)
     worker.run(shard)
     (prober,) = recording.made
@@ -129,13 +129,13 @@ def test_the_worker_makes_one_prober_and_asks_it_for_the_shard(checkpoint, recor
     assert prober.calls[0] == {
         "batch": 8,
         "programs": list(range(N)),
-        "layers": [0, 1],
+        "layers": [0, 1, 2],
         "labels": labels,
         "seed": spec.seed,
     }
     assert len(prober.calls) == 2, "one prober, reused"
     assert result.table.column_names == ["layer", "accuracy", "step"]
-    assert result.table.column("step").to_pylist() == [STEP, STEP]
+    assert result.table.column("step").to_pylist() == [STEP] * 3
     assert result.skipped.to_pylist() == [
         {
             "model": spec.models[0].id,
@@ -160,7 +160,7 @@ def test_probes_out_of_memory_halves_the_batch_then_asks_for_a_split(
     assert result.skipped.num_rows == 1, "each attempt starts its skipped list afresh"
     monkeypatch.setattr(RecordingProber, "above", 0)
     worker = ModelWorker(_config(spec))
-    with pytest.raises(ShardOutOfMemory, match=r"out of memory at one program per forward \(2 l"):
+    with pytest.raises(ShardOutOfMemory, match=r"out of memory at one program per forward \(3 l"):
         worker.run(shard)
     assert [c["batch"] for c in worker._prober.calls] == [8, 4, 2, 1]
 
@@ -187,7 +187,7 @@ def test_worker_runs_a_probes_shard(checkpoint) -> None:
     assert {(r["model"], r["task"], r["seq_len"], r["step"]) for r in rows} == {
         (spec.models[0].id, "binding", 4, STEP)
     }
-    assert {r["layer"] for r in rows} == {0, 1}
+    assert {r["layer"] for r in rows} == {0, 1, 2}
     labels = {r["label"] for r in rows}
     assert labels <= set(PROBE_LABELS)
     assert {"ref_depth_1_rhs", "final_colon"} <= labels, "in every binding program"
