@@ -263,7 +263,8 @@ def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
     use_theme()
     labels, order = _checkpoints(df)
     data = df.assign(checkpoint=labels)
-    x = alt.X("layer:Q", title="layer (residual stream entering it)", axis=alt.Axis(tickMinStep=1))
+    title = "layer (residual stream entering it; the last: leaving the last layer)"
+    x = alt.X("layer:Q", title=title, axis=alt.Axis(tickMinStep=1))
     accuracy = alt.Chart().encode(
         x=x,
         y=alt.Y("accuracy:Q", title="probe accuracy", scale=alt.Scale(domain=[0, 1])),
