@@ -12,13 +12,13 @@ which leaves room for activations.
 import dataclasses
 import logging
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from actors.arch import ArchMap, arch_map
+from orchestrator.local_models import local_problem
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +153,9 @@ def load_model(
         raise ValueError(f"quantization={quantization!r} is not one of {list(QUANTIZATIONS)}")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    local = Path(name).expanduser()
-    if (name.startswith((".", "/", "~")) or local.exists()) and not (
-        local / "config.json"
-    ).exists():
-        raise ValueError(
-            f"model {name!r}: {local} is not a folder with a config.json; give the folder that "
-            "save_pretrained wrote"
-        )
+    problem = local_problem(name)
+    if problem is not None:
+        raise ValueError(f"model {name!r}: {problem}; give the folder that save_pretrained wrote")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:

@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orchestrator.local_models import local_problem
 from orchestrator.protocol import LAYERED
 from orchestrator.spec import Spec, SpecError
 
@@ -39,6 +40,13 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
     n_layers: dict[str, int] = {}
     problems = []
     for i, model in enumerate(spec.models):
+        problem = local_problem(model.id)
+        if problem is not None:
+            problems.append(
+                f"  models.{i}.id = {model.id!r}: {problem}; fix: give a folder written by "
+                "save_pretrained (check the path's spelling), or a hub id"
+            )
+            continue
         try:
             config = AutoConfig.from_pretrained(model.id)
         except (OSError, ValueError) as err:

@@ -59,7 +59,7 @@ BAD_SPECS = [
     ),
     (
         lambda s: s["models"][0].update(id="/nonexistent/model"),
-        "models.0.id = '/nonexistent/model': not found",
+        "models.0.id = '/nonexistent/model': no such folder /nonexistent/model",
     ),
     (
         lambda s: s["experiments"]["patching"].update(layers=[0, 7]),
