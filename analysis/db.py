@@ -20,11 +20,19 @@ probes' `model=<m>/task=<t>`), but the path holds the model id *escaped* for fil
 = `Qwen/Qwen3-0.6B`). DuckDB lets a hive key override the file's own column of the same name, so
 the views read the files' columns (`hive_partitioning = false`); filters on them still skip data
 through Parquet row-group statistics.
+
+The views with programs (`behavior`, `patching`, `attribution`, `knockout`, `skipped`) also carry
+the program's `depth`, `heuristic` (root value on line 1 or 2) and `root_line`, read from
+`programs` by the program's key (`task`, `seq_len`, `program`; `programs` has no model column: a
+program is the same text for every model), so a query can filter on them without a join. The
+files as written are the views `<view>_files`.
 """
 
 from pathlib import Path
 
 import duckdb
+
+from analysis.intervals import PROGRAM
 
 # Columns of each view when no file exists yet, so that queries run (and return nothing). Files of
 # older runs that lack some of them read those columns' `FALLBACK`, or NULL, so one query serves
@@ -126,15 +134,35 @@ def connect(results: str | Path, threads: int | None = None) -> duckdb.DuckDBPyC
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     for view, pattern in GLOBS.items():
+        files = f"{view}_files" if view in WITH_PROGRAMS else view
         if any(root.glob(pattern)):
             source = (
                 f"read_parquet({_sql_string(str(root / pattern))}, "
                 "union_by_name = true, hive_partitioning = false)"
             )
-            con.execute(f"CREATE VIEW {view} AS {_complete(con, view, source)}")
+            con.execute(f"CREATE VIEW {files} AS {_complete(con, view, source)}")
         else:
-            con.execute(f"CREATE TABLE {view} ({EMPTY[view]})")
+            con.execute(f"CREATE TABLE {files} ({EMPTY[view]})")
+        if files != view:
+            con.execute(f"CREATE VIEW {view} AS {_with_program(con, files)}")
     return con
+
+
+# What every view with programs gains from `programs`, by the program's key (`probes` rows are
+# fitted over many programs and have none).
+WITH_PROGRAMS = ("behavior", "patching", "attribution", "knockout", "skipped")
+PROGRAM_COLUMNS = ("depth", "heuristic", "root_line")
+
+
+def _with_program(con: duckdb.DuckDBPyConnection, files: str) -> str:
+    """`SELECT` over `files` with the `PROGRAM_COLUMNS` it lacks, from `programs` (NULL for a
+    program not there); one row per row of `files`, as `programs` has one row per key."""
+    have = _columns(con, files)
+    added = [f"g.{c}" for c in PROGRAM_COLUMNS if c not in have]
+    return (
+        f"SELECT f.*, {', '.join(added)} FROM {files} AS f "
+        f"LEFT JOIN programs AS g USING ({', '.join(PROGRAM)})"
+    )
 
 
 def _columns(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:

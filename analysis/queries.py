@@ -24,9 +24,13 @@ The aggregates across a training run's checkpoints are in `trajectory.py`, built
 `_kept` from here.
 """
 
+import dataclasses
+from collections.abc import Callable
+
 import duckdb
 import pandas as pd
 
+from analysis.intervals import COUNT, PROGRAM, SUM, summarise
 from orchestrator.tasks.counterfactuals import KINDS
 
 # At most this many verified cells per (model, site) in the scatter (a fixed pseudo-random
@@ -37,6 +41,78 @@ SCATTER_POINTS = 5000
 def _with(**ctes: str) -> str:
     """A `WITH` clause of the named common table expressions, in order."""
     return "\nWITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes.items()) + "\n"
+
+
+_KEY = ", ".join(PROGRAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregate:
+    """The mean of each of `values` per cell (`by`) over the rows of `relation` that meet
+    `where`, with the cell's program count and a 95% bootstrap interval over programs
+    (`intervals.py`); `run` returns `by`, `first`, then per value `v`: `v`, `v_lo`, `v_hi`, then
+    `programs` and `n` (rows), then what `post` adds.
+
+    Attributes:
+        ctes: a `WITH` clause (`_with`) that defines `relation`, or "".
+        relation: the rows, one or more per program (`task`, `seq_len`, `program`).
+        by: the cell's columns.
+        values: output column -> SQL over a row (a 0/1 for a rate); NULLs are not counted.
+        where: SQL condition on the rows.
+        first: columns read once per cell (its first program's value), e.g. a position's token.
+        order: the output's sort (default `by`).
+        post: `(frame, connection, params) -> frame`, applied last: a top-k, or columns joined
+            from another query.
+    """
+
+    ctes: str
+    relation: str
+    by: tuple[str, ...]
+    values: dict[str, str]
+    where: str = "true"
+    first: tuple[str, ...] = ()
+    order: tuple[str, ...] | None = None
+    post: Callable[[pd.DataFrame, duckdb.DuckDBPyConnection, dict], pd.DataFrame] | None = None
+
+    @property
+    def partial(self) -> str:
+        """One row per (cell, program): each value's sum (`<v>__sum`) and count (`<v>__n`)."""
+        sums = ", ".join(
+            f'sum(({e})::DOUBLE) AS "{v}{SUM}", count({e}) AS "{v}{COUNT}"'
+            for v, e in self.values.items()
+        )
+        firsts = "".join(f", any_value({c}) AS {c}" for c in self.first)
+        cell = ", ".join([*self.by, *self.unit])
+        return (
+            f"{self.ctes}SELECT {cell}{firsts}, {sums}\nFROM {self.relation}\n"
+            f"WHERE {self.where}\nGROUP BY {cell}\n"
+        )
+
+    @property
+    def unit(self) -> tuple[str, ...]:
+        """The program's key columns that are not already cell columns."""
+        return tuple(c for c in PROGRAM if c not in self.by)
+
+    @property
+    def sql(self) -> str:
+        """The same means in plain SQL, without intervals: to read, or to paste into `--sql`."""
+        means = ", ".join(f"avg({e}) AS {v}" for v, e in self.values.items())
+        firsts = "".join(f", any_value({c}) AS {c}" for c in self.first)
+        cell = ", ".join(self.by)
+        first_value = next(iter(self.values.values()))
+        return (
+            f"{self.ctes}SELECT {cell}{firsts}, {means}, "
+            f"count(DISTINCT ({_KEY})) FILTER (WHERE ({first_value}) IS NOT NULL) AS programs, "
+            f"count({first_value}) AS n\nFROM {self.relation}\nWHERE {self.where}\n"
+            f"GROUP BY {cell}\nORDER BY {', '.join(self.order or self.by)}\n"
+        )
+
+    def frame(self, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+        partial = con.execute(self.partial, _bound(self.partial, params)).df()
+        out = summarise(partial, list(self.by), list(self.values), self.unit, self.first)
+        order = list(self.order or self.by)
+        out = out.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
+        return self.post(out, con, params) if self.post else out
 
 
 # The runs whose top-1 must be the answer for a program to be kept: the clean and the
@@ -59,129 +135,171 @@ def _kept(
     rows: str | None = None,
 ) -> str:
     """The rows of `view` (`patching`, `attribution` or `knockout`) of the programs the method
-    keeps: every column of `correct` true, the root not on line 1 or 2. `rows`: the condition
-    that every row meets, `$include_all` or not (default: the view's in `ROWS`, if any)."""
+    keeps: every column of `correct` true, the root not on line 1 or 2 (the view's `heuristic`,
+    from `programs`). `rows`: the condition that every row meets, `$include_all` or not
+    (default: the view's in `ROWS`, if any)."""
     rows = ROWS.get(view, "true") if rows is None else rows
     right = " AND ".join(f"p.{column}" for column in correct)
     return f"""
     SELECT {columns}
     FROM {view} AS p
-    LEFT JOIN programs AS g USING (task, seq_len, program)
     WHERE ({rows})
-      AND ($include_all OR ({right} AND NOT coalesce(g.heuristic, false)))
+      AND ($include_all OR ({right} AND NOT coalesce(p.heuristic, false)))
 """
 
 
-def _by_label(relation: str, value: str, kind: str | None = None) -> str:
-    """Mean and count of `value` by (model, site, layer, label): over programs, positions of one
-    label and, at `attn_head`, heads; `kind` names the rows in a `kind` column."""
-    tag = f"'{kind}' AS kind, " if kind else ""
-    return f"""
-SELECT model, site, layer, label, {tag}avg({value}) AS mean_effect, count({value}) AS n
-FROM {relation}
-GROUP BY model, site, layer, label
-"""
+def _top(
+    value: str, ties: tuple[str, ...], absolute: bool = False
+) -> Callable[[pd.DataFrame, duckdb.DuckDBPyConnection, dict], pd.DataFrame]:
+    """A `post` that keeps, per model, the `$k` rows of largest `value` (of largest |value| if
+    `absolute`), ties broken by `ties`; rows in that order."""
+
+    def top(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+        df = df[df[value].notna()]
+        key = df[value].abs() if absolute else df[value]
+        ranked = df.assign(_key=-key).sort_values(["model", "_key", *ties], kind="stable")
+        return ranked.groupby("model").head(params["k"]).drop(columns="_key").reset_index(drop=True)
+
+    return top
+
+
+def _in_kind_order(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """`df` sorted by `by`, with `counterfactual` in `KINDS` order (others after, by name)."""
+    rank = df["counterfactual"].map({kind: i for i, kind in enumerate(KINDS)}).fillna(len(KINDS))
+    out = df.assign(_rank=rank).sort_values(
+        [c if c != "counterfactual" else "_rank" for c in by]
+        + (["counterfactual"] if "counterfactual" in by else []),
+        kind="stable",
+    )
+    return out.drop(columns="_rank").reset_index(drop=True)
 
 
 KEPT = _with(kept=_kept("patching"))
+
+
+def kept_of(view: str, correct: tuple[str, ...] = CORRECT, rows: str | None = None) -> str:
+    """Per model: the `programs` that the aggregates of `view` could read (the rows every one
+    reads, as in `_kept`) and those they keep (`kept`; `$include_all` keeps all)."""
+    rows = ROWS.get(view, "true") if rows is None else rows
+    every = ", ".join(f"e.{c}" for c in PROGRAM)
+    return (
+        _with(
+            kept=_kept(view, correct=correct, rows=rows),
+            every=f"SELECT * FROM {view} AS p WHERE {rows}",
+        )
+        + f"""
+SELECT e.model, count(DISTINCT ({every})) AS programs,
+       (SELECT count(DISTINCT ({_KEY})) FROM kept AS k WHERE k.model = e.model) AS kept
+FROM every AS e
+GROUP BY e.model
+ORDER BY e.model
+"""
+    )
+
 
 KEPT_DESCRIPTION = (
     "programs whose top-1 is the answer in both runs (top1_correct, cf_top1_correct), "
     "root not on line 1-2"
 )
 
-ACCURACY_BY_LENGTH = """
-SELECT model, task, seq_len, avg(correct::INTEGER) AS accuracy, count(*) AS n
-FROM behavior
-GROUP BY model, task, seq_len
-ORDER BY model, task, seq_len
-"""
+# The aggregations the patching charts state under their titles.
+BY_LABEL_DESCRIPTION = "mean over programs' positions of each label and, at attn_head, over heads"
 
-ACCURACY_BY_DEPTH = """
-SELECT model, depth, heuristic, avg(correct::INTEGER) AS accuracy, count(*) AS n
-FROM behavior
-WHERE task = 'binding'
-GROUP BY model, depth, heuristic
-ORDER BY model, depth, heuristic
-"""
-
-# Wrong binding answers by kind (`orchestrator.tasks.errors`) and depth: `n` of the `wrong`
-# answers at that (model, depth), and their `share`. Runs written before the column read NULL
-# kinds and have no rows here.
-ERROR_KINDS_BY_DEPTH = """
-SELECT model, depth, error_kind, count(*) AS n,
-       (sum(count(*)) OVER (PARTITION BY model, depth))::BIGINT AS wrong,
-       count(*) / sum(count(*)) OVER (PARTITION BY model, depth) AS share
-FROM behavior
-WHERE task = 'binding' AND NOT correct AND error_kind IS NOT NULL
-GROUP BY model, depth, error_kind
-ORDER BY model, depth, error_kind
-"""
-
-HEATMAP_BY_LABEL = KEPT + _by_label("kept", "norm_effect") + "ORDER BY model, site, layer, label\n"
-
-HEATMAP_BY_POSITION = (
-    KEPT
-    + """
-SELECT model, site, seq_len, layer, pos, any_value(token) AS token,
-       avg(norm_effect) AS mean_effect, count(norm_effect) AS n
-FROM kept
-GROUP BY model, site, seq_len, layer, pos
-ORDER BY model, site, seq_len, layer, pos
-"""
+# Accuracy: the share of programs answered right (`correct`), per cell.
+ACCURACY_BY_LENGTH = Aggregate(
+    "", "behavior", ("model", "task", "seq_len"), {"accuracy": "correct::INTEGER"}
 )
 
-FLIP_RATE = (
-    KEPT
-    + """
-SELECT model, site, layer, label, avg(flipped::INTEGER) AS flip_rate, count(*) AS n
-FROM kept
-WHERE label LIKE 'ref_depth_%' AND site <> 'attn_head'
-GROUP BY model, site, layer, label
-ORDER BY model, site, layer, label
-"""
+ACCURACY_BY_DEPTH = Aggregate(
+    "",
+    "behavior",
+    ("model", "depth", "heuristic"),
+    {"accuracy": "correct::INTEGER"},
+    where="task = 'binding'",
 )
 
-HEADS = (
-    KEPT
-    + """
-SELECT model, layer, head, label, avg(norm_effect) AS mean_effect, count(norm_effect) AS n
-FROM kept
-WHERE site = 'attn_head' AND label IN ('final_colon', 'query_var')
-GROUP BY model, layer, head, label
-ORDER BY model, layer, head, label
-"""
+
+def _wrong_counts(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+    """`wrong`: the wrong answers at the row's (model, depth) (its programs); `n`: those of the
+    row's kind."""
+    wrong = df["programs"]
+    return df.assign(n=(df["share"] * wrong).round().astype("int64"), wrong=wrong)
+
+
+# Wrong binding answers by kind (`orchestrator.tasks.errors`) and depth: of the `wrong` answers
+# at a (model, depth), the `share` of each kind present there (its interval over those
+# programs) and their number `n`. Runs written before the column read NULL kinds and have no
+# rows here.
+ERROR_KINDS_BY_DEPTH = Aggregate(
+    _with(
+        wrong="""
+    SELECT * FROM behavior
+    WHERE task = 'binding' AND NOT correct AND error_kind IS NOT NULL
+""",
+        kinds="SELECT DISTINCT model, depth, error_kind AS kind FROM wrong",
+        marked="""
+    SELECT w.* REPLACE (k.kind AS error_kind), (w.error_kind = k.kind)::INTEGER AS is_kind
+    FROM wrong AS w
+    JOIN kinds AS k USING (model, depth)
+""",
+    ),
+    "marked",
+    ("model", "depth", "error_kind"),
+    {"share": "is_kind"},
+    post=_wrong_counts,
+)
+
+# Mean normalized effect by (model, site, layer, label): over programs, positions of one label
+# and, at `attn_head`, heads.
+HEATMAP_BY_LABEL = Aggregate(
+    KEPT, "kept", ("model", "site", "layer", "label"), {"mean_effect": "norm_effect"}
+)
+
+HEATMAP_BY_POSITION = Aggregate(
+    KEPT,
+    "kept",
+    ("model", "site", "seq_len", "layer", "pos"),
+    {"mean_effect": "norm_effect"},
+    first=("token",),
+)
+
+FLIP_RATE = Aggregate(
+    KEPT,
+    "kept",
+    ("model", "site", "layer", "label"),
+    {"flip_rate": "flipped::INTEGER"},
+    where="label LIKE 'ref_depth_%' AND site <> 'attn_head'",
+)
+
+HEADS = Aggregate(
+    KEPT,
+    "kept",
+    ("model", "layer", "head", "label"),
+    {"mean_effect": "norm_effect"},
+    where="site = 'attn_head' AND label IN ('final_colon', 'query_var')",
 )
 
 # Per model, the $k cells of largest mean effect (ties: by site, layer, label).
-TOP_CELLS = (
-    KEPT
-    + """
-SELECT model, site, layer, label, avg(norm_effect) AS mean_effect, count(norm_effect) AS n
-FROM kept
-WHERE norm_effect IS NOT NULL
-GROUP BY model, site, layer, label
-QUALIFY row_number() OVER (PARTITION BY model ORDER BY mean_effect DESC, site, layer, label) <= $k
-ORDER BY model, mean_effect DESC, site, layer, label
-"""
+TOP_CELLS = dataclasses.replace(
+    HEATMAP_BY_LABEL,
+    where="norm_effect IS NOT NULL",
+    post=_top("mean_effect", ("site", "layer", "label")),
 )
 
 # The root-value rows and programs that the aggregates above could read, and those they keep
 # (rows of the other kinds are counted in COUNTERFACTUAL_CONTROL).
 COVERAGE = (
     _with(kept=_kept("patching"), patched=f"SELECT * FROM patching AS p WHERE {ROOT_VALUE}")
-    + """
+    + f"""
 SELECT (SELECT count(*) FROM patched) AS rows_all,
        (SELECT count(*) FROM kept) AS rows_kept,
-       (SELECT count(DISTINCT (task, seq_len, program)) FROM patched) AS programs_all,
-       (SELECT count(DISTINCT (task, seq_len, program)) FROM kept) AS programs_kept
+       (SELECT count(DISTINCT ({_KEY})) FROM patched) AS programs_all,
+       (SELECT count(DISTINCT ({_KEY})) FROM kept) AS programs_kept
 """
 )
 
 # The kept rows of every counterfactual kind, of the (model, site) pairs that were patched from
 # some kind besides the root value: a run of root-value patching alone has no rows here.
-_KINDS_SQL = "[" + ", ".join(f"'{kind}'" for kind in KINDS) + "]"
-_KIND_ORDER = f"coalesce(list_position({_KINDS_SQL}, counterfactual), {len(KINDS) + 1})"
 _COMPARED = {
     "kept": _kept("patching", rows="true"),
     "compared": """
@@ -191,12 +309,8 @@ _COMPARED = {
     )
 """,
 }
-
-# Per (model, site, counterfactual) over the kept programs: the mean |norm_effect| and the mean
-# norm_effect of every patched cell, the largest |mean norm_effect| of one (layer, label, head)
-# cell, the flip rate, and the programs and rows. A control's are ~0 where patching moves only
-# what the answer depends on. Kinds in `KINDS` order, root_value first.
-COUNTERFACTUAL_CONTROL = (
+# The largest |mean norm_effect| of one (layer, label, head) cell per (model, site, kind).
+_PEAKS = (
     _with(
         **_COMPARED,
         cells="""
@@ -204,35 +318,47 @@ COUNTERFACTUAL_CONTROL = (
     FROM compared
     GROUP BY model, site, counterfactual, layer, label, head
 """,
-        peaks="""
-    SELECT model, site, counterfactual, max(effect) AS max_cell_effect
-    FROM cells
-    GROUP BY model, site, counterfactual
-""",
     )
-    + f"""
-SELECT model, site, counterfactual,
-       count(DISTINCT (task, seq_len, program)) AS programs, count(*) AS rows,
-       avg(norm_effect) AS mean_effect, avg(abs(norm_effect)) AS mean_abs_effect,
-       any_value(max_cell_effect) AS max_cell_effect, avg(flipped::INTEGER) AS flip_rate
-FROM compared
-JOIN peaks USING (model, site, counterfactual)
-GROUP BY model, site, counterfactual
-ORDER BY model, site, {_KIND_ORDER}, counterfactual
-"""
+    + "SELECT model, site, counterfactual, max(effect) AS max_cell_effect FROM cells GROUP BY ALL\n"
+)
+
+
+def _with_peaks(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+    peaks = con.execute(_PEAKS, _bound(_PEAKS, params)).df()
+    key = ["model", "site", "counterfactual"]
+    out = df.rename(columns={"n": "rows"}).merge(peaks, on=key, how="left")
+    means = [c for c in out.columns if c not in [*key, "programs", "rows", "max_cell_effect"]]
+    at = means.index("flip_rate")
+    columns = [*key, "programs", "rows", *means[:at], "max_cell_effect", *means[at:]]
+    return _in_kind_order(out[columns], key)
+
+
+# Per (model, site, counterfactual) over the kept programs: the mean norm_effect and the mean
+# |norm_effect| of every patched cell, the flip rate, the programs and rows, and the largest
+# |mean norm_effect| of one (layer, label, head) cell. A control's are ~0 where patching moves
+# only what the answer depends on. Kinds in `KINDS` order, root_value first.
+COUNTERFACTUAL_CONTROL = Aggregate(
+    _with(**_COMPARED),
+    "compared",
+    ("model", "site", "counterfactual"),
+    {
+        "mean_effect": "norm_effect",
+        "mean_abs_effect": "abs(norm_effect)",
+        "flip_rate": "flipped::INTEGER",
+    },
+    post=_with_peaks,
 )
 
 # HEATMAP_BY_LABEL of every kind, of the same (model, site) pairs: mean norm_effect by (model,
 # counterfactual, site, layer, label), over programs, positions and, at `attn_head`, heads.
-COUNTERFACTUAL_BY_LABEL = (
-    _with(**_COMPARED)
-    + f"""
-SELECT model, counterfactual, site, layer, label, avg(norm_effect) AS mean_effect,
-       count(norm_effect) AS n
-FROM compared
-GROUP BY model, counterfactual, site, layer, label
-ORDER BY model, {_KIND_ORDER}, counterfactual, site, layer, label
-"""
+COUNTERFACTUAL_BY_LABEL = Aggregate(
+    _with(**_COMPARED),
+    "compared",
+    ("model", "counterfactual", "site", "layer", "label"),
+    {"mean_effect": "norm_effect"},
+    post=lambda df, con, params: _in_kind_order(
+        df, ["model", "counterfactual", "site", "layer", "label"]
+    ),
 )
 
 
@@ -240,26 +366,32 @@ ORDER BY model, {_KIND_ORDER}, counterfactual, site, layer, label
 # patching rows' label for them, so that the estimate and the exact heatmaps share their columns.
 _ESTIMATED = _kept("attribution", "p.* REPLACE (coalesce(nullif(p.label, ''), 'other') AS label)")
 
-ATTRIBUTION_BY_LABEL = (
-    _with(estimated=_ESTIMATED)
-    + _by_label("estimated", "norm_estimate")
-    + "ORDER BY model, site, layer, label\n"
+ATTRIBUTION_BY_LABEL = Aggregate(
+    _with(estimated=_ESTIMATED),
+    "estimated",
+    ("model", "site", "layer", "label"),
+    {"mean_effect": "norm_estimate"},
 )
 
 # The estimate heatmap beside the exact one (`kind` = estimate | exact): exact rows only for the
 # (model, site) pairs that have estimates, on the same colour scale (both are norm_effects).
-ATTRIBUTION_HEATMAP = (
+_CELL = f"model, site, layer, label, {_KEY}"
+ATTRIBUTION_HEATMAP = Aggregate(
     _with(
         kept=_kept("patching"),
         estimated=_ESTIMATED,
         patched=(
             "SELECT * FROM kept WHERE (model, site) IN (SELECT DISTINCT model, site FROM estimated)"
         ),
-    )
-    + _by_label("estimated", "norm_estimate", "estimate")
-    + "UNION ALL"
-    + _by_label("patched", "norm_effect", "exact")
-    + "ORDER BY model, site, kind, layer, label\n"
+        side_by_side=f"""
+    SELECT {_CELL}, 'estimate' AS kind, norm_estimate AS value FROM estimated
+    UNION ALL
+    SELECT {_CELL}, 'exact' AS kind, norm_effect AS value FROM patched
+""",
+    ),
+    "side_by_side",
+    ("model", "site", "kind", "layer", "label"),
+    {"mean_effect": "value"},
 )
 
 # Verified cells, each ranked among its (model, site)'s: average ranks for ties (Spearman's).
@@ -308,22 +440,36 @@ _FOUND = f"""
     WHERE exact_place <= k
     GROUP BY {_PROGRAM}
 """
-_RECALL = """
-    SELECT model, site, count(*) AS programs, mode(k) AS k, avg(found) AS top_k_recall
-    FROM found
-    GROUP BY model, site
-"""
+_CORRELATIONS = _with(**_CORRELATED) + "SELECT * FROM correlation\n"
+_RECALL_K = (
+    _with(by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND)
+    + "SELECT model, site, mode(k) AS k FROM found GROUP BY model, site\n"
+)
+
+
+def _with_correlation(
+    df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict
+) -> pd.DataFrame:
+    """Every (model, site) with verified cells: their number `n` and correlations, beside the
+    recall over `programs` (and `k`, the most common k; NULL where no program has a `top`)."""
+    correlation = con.execute(_CORRELATIONS).df()
+    k = con.execute(_RECALL_K).df()
+    recall = df.drop(columns="n").merge(k, on=["model", "site"], how="left")
+    out = correlation.merge(recall, on=["model", "site"], how="left")
+    columns = ["model", "site", "n", "programs", "spearman", "pearson", "k"]
+    rest = [c for c in out.columns if c not in columns]
+    return out[columns + rest].sort_values(["model", "site"]).reset_index(drop=True)
+
 
 # Per (model, site): verified cells, Spearman and Pearson correlation of estimate and exact, and
-# the mean top-k recall over programs (`k`: the most common k; `programs`: those with one).
-AGREEMENT = (
-    _with(**_CORRELATED, by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND, recall=_RECALL)
-    + """
-SELECT model, site, c.n, r.programs, c.spearman, c.pearson, r.k, r.top_k_recall
-FROM correlation AS c
-LEFT JOIN recall AS r USING (model, site)
-ORDER BY model, site
-"""
+# the mean top-k recall over programs, with its interval (`k`: the most common k; `programs`:
+# those with one).
+AGREEMENT = Aggregate(
+    _with(by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND),
+    "found",
+    ("model", "site"),
+    {"top_k_recall": "found"},
+    post=_with_correlation,
 )
 
 # Every cell that the run both estimated and patched exactly (a spec with `patching` over the
@@ -358,22 +504,28 @@ _FOUND_10 = f"""
     WHERE exact_place <= 10
     GROUP BY {_PROGRAM}
 """
-AGREEMENT_ALL_CELLS = (
-    _with(
-        verified=_JOINED,
-        ranked=_RANKED,
-        correlation=_CORRELATION,
-        placed=_PLACED,
-        found=_FOUND_10,
-    )
-    + """
-SELECT model, site, c.n AS cells, count(f.program) AS programs, any_value(c.spearman) AS spearman,
-       any_value(c.pearson) AS pearson, avg(f.found) AS top10_in_top20
-FROM correlation AS c
-JOIN found AS f USING (model, site)
-GROUP BY model, site, c.n
-ORDER BY model, site
-"""
+_JOINED_CELLS = {"verified": _JOINED, "ranked": _RANKED, "correlation": _CORRELATION}
+_JOINED_CORRELATIONS = (
+    _with(**_JOINED_CELLS) + "SELECT model, site, n AS cells, spearman, pearson FROM correlation\n"
+)
+
+
+def _with_joined_correlation(
+    df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict
+) -> pd.DataFrame:
+    correlation = con.execute(_JOINED_CORRELATIONS).df()
+    out = correlation.merge(df.drop(columns="n"), on=["model", "site"])
+    columns = ["model", "site", "cells", "programs", "spearman", "pearson"]
+    rest = [c for c in out.columns if c not in columns]
+    return out[columns + rest].sort_values(["model", "site"]).reset_index(drop=True)
+
+
+AGREEMENT_ALL_CELLS = Aggregate(
+    _with(verified=_JOINED, placed=_PLACED, found=_FOUND_10),
+    "found",
+    ("model", "site"),
+    {"top10_in_top20": "found"},
+    post=_with_joined_correlation,
 )
 
 # The verified cells for the scatter, with their (model, site)'s Spearman and count.
@@ -396,41 +548,47 @@ ORDER BY model, site, v.verify, v.exact
 KNOCKOUT_KEPT_DESCRIPTION = (
     "programs whose top-1 is the answer (top1_correct), root not on line 1-2"
 )
-_KNOCKED = {
-    "kept": _kept("knockout", correct=KNOCKOUT_CORRECT),
-    "routes": """
-    SELECT model, scope, source, layer, head, avg(norm_effect) AS mean_effect,
-           count(norm_effect) AS n
-    FROM kept
-    GROUP BY model, scope, source, layer, head
-""",
-}
 
-ROUTING_MAP = (
-    _with(**_KNOCKED) + "SELECT * FROM routes ORDER BY model, scope, source, layer, head\n"
+ROUTING_MAP = Aggregate(
+    _with(kept=_kept("knockout", correct=KNOCKOUT_CORRECT)),
+    "kept",
+    ("model", "scope", "source", "layer", "head"),
+    {"mean_effect": "norm_effect"},
 )
 
 # Per model, the $k (layer, head) whose knockout of the root edge (attention from the answer to
 # the root value) moves the metric most, either way (ties: by layer, head).
-TOP_ROOT_HEADS = (
-    _with(**_KNOCKED)
-    + """
-SELECT model, layer, head, mean_effect, n
-FROM routes
-WHERE source = 'ref_depth_1_rhs' AND scope = 'answer' AND mean_effect IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY model ORDER BY abs(mean_effect) DESC, layer, head) <= $k
-ORDER BY model, abs(mean_effect) DESC, layer, head
-"""
+TOP_ROOT_HEADS = dataclasses.replace(
+    ROUTING_MAP,
+    where="source = 'ref_depth_1_rhs' AND scope = 'answer' AND norm_effect IS NOT NULL",
+    post=_top("mean_effect", ("layer", "head"), absolute=True),
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Sql:
+    """A query whose result `post` completes (e.g. with intervals computed from its columns)."""
+
+    sql: str
+    post: Callable[[pd.DataFrame], pd.DataFrame]
+
+
+def _bound(sql: str, params: dict) -> dict:
+    """The parameters that `sql` names."""
+    return {name: value for name, value in params.items() if f"${name}" in sql}
+
+
 def run(
-    con: duckdb.DuckDBPyConnection, sql: str, include_all: bool = False, k: int = 5
+    con: duckdb.DuckDBPyConnection,
+    query: "str | Sql | Aggregate",
+    include_all: bool = False,
+    k: int = 5,
 ) -> pd.DataFrame:
-    """Run a named query with its parameters bound; returns a DataFrame (aggregated rows)."""
-    params = {}
-    if "$include_all" in sql:
-        params["include_all"] = include_all
-    if "$k" in sql:
-        params["k"] = k
-    return con.execute(sql, params).df()
+    """Run a named query (SQL; `Sql`; or an `Aggregate`: means with their program counts and
+    intervals) with its parameters bound; returns a DataFrame (aggregated rows)."""
+    params = {"include_all": include_all, "k": k}
+    if isinstance(query, Aggregate):
+        return query.frame(con, params)
+    if isinstance(query, Sql):
+        return query.post(con.execute(query.sql, _bound(query.sql, params)).df())
+    return con.execute(query, _bound(query, params)).df()

@@ -8,43 +8,68 @@ summary's `SHORTCUT_PEAK`, `CHAIN_MOVE`) read only models with a step; probe one
 (`PROBES_BY_STEP`, `PROBE_BEST_LAYER`, `PROBE_FIRST_LAYER`) read every model (step NULL, sorted
 last, for one without), a probe's layer profile being worth reading at one step too. Patching
 ones keep the programs `queries.py` keeps (`$include_all` as there); run them with
-`queries.run`. The charts share the theme and scales of `charts.py`.
+`queries.run`. The charts share the theme and scales of `charts.py`, and draw how far to
+trust each number as its charts do (interval bands, hollow or grey where programs are few).
 """
 
+import dataclasses
+
 import altair as alt
+import duckdb
 import pandas as pd
 
-from analysis.charts import MUTED, PANEL, SEQUENTIAL, _label_heatmap, _label_order, use_theme
-from analysis.queries import _kept, _with
+from analysis.charts import (
+    FEW_PROGRAMS,
+    LINE_KEY,
+    MUTED,
+    PANEL,
+    SEQUENTIAL,
+    _band,
+    _interval_tooltip,
+    _label_heatmap,
+    _label_order,
+    _points,
+    _require,
+    subtitle,
+    use_theme,
+)
+from analysis.intervals import HI, LO, wilson
+from analysis.queries import Aggregate, Sql, _kept, _with
 
 # The training run a checkpoint belongs to: its model id without the `-step<N>` suffix.
 RUN = "regexp_replace(model, '-step[0-9]+$', '')"
 
 # Binding accuracy by (run, step, model, depth, heuristic), over the models with a step.
-ACCURACY_BY_STEP = f"""
-SELECT {RUN} AS run, step, model, depth, heuristic, avg(correct::INTEGER) AS accuracy,
-       count(*) AS n
-FROM behavior
-WHERE task = 'binding' AND step IS NOT NULL
-GROUP BY run, step, model, depth, heuristic
-ORDER BY run, step, model, depth, heuristic
-"""
+ACCURACY_BY_STEP = Aggregate(
+    "",
+    f"(SELECT *, {RUN} AS run FROM behavior)",
+    ("run", "step", "model", "depth", "heuristic"),
+    {"accuracy": "correct::INTEGER"},
+    where="task = 'binding' AND step IS NOT NULL",
+)
 
 # Patching the root value's counterfactual into the residual stream (`resid_pre`), over the kept
 # programs of each checkpoint: mean norm_effect by (run, step, model, layer, label).
-_ROOT_CELLS = {
-    "kept": _kept("patching"),
-    "cells": f"""
-    SELECT {RUN} AS run, step, model, site, layer, label, avg(norm_effect) AS mean_effect,
-           count(norm_effect) AS n
-    FROM kept
-    WHERE site = 'resid_pre' AND step IS NOT NULL
-    GROUP BY run, step, model, site, layer, label
-""",
-}
-ROOT_EFFECT_BY_STEP = (
-    _with(**_ROOT_CELLS) + "SELECT * FROM cells ORDER BY run, step, model, layer, label\n"
+ROOT_EFFECT_BY_STEP = Aggregate(
+    _with(kept=_kept("patching"), runs=f"SELECT *, {RUN} AS run FROM kept"),
+    "runs",
+    ("run", "step", "model", "site", "layer", "label"),
+    {"mean_effect": "norm_effect"},
+    where="site = 'resid_pre' AND step IS NOT NULL",
+    order=("run", "step", "model", "layer", "label"),
 )
+
+
+def _with_wilson(df: pd.DataFrame) -> pd.DataFrame:
+    """`accuracy_lo`, `accuracy_hi`: Wilson's interval over the `n_test` held-out programs
+    (`intervals.wilson`), and `programs` = `n_test`."""
+    lo, hi = wilson(df["accuracy"], df["n_test"])
+    at = list(df.columns).index("accuracy") + 1
+    out = df.copy()
+    out.insert(at, "accuracy" + LO, lo)
+    out.insert(at + 1, "accuracy" + HI, hi)
+    return out.assign(programs=out["n_test"])
+
 
 # Probes by (run, step, model, layer, label, target): a probe is fitted per shard (one task and
 # program length), so accuracies are averaged over shards and lengths weighted by their held-out
@@ -58,53 +83,71 @@ _PROBED = f"""
     FROM probes
     GROUP BY run, step, model, layer, label, target
 """
-PROBES_BY_STEP = (
+_ACCURACIES = """accuracy, control_accuracy, accuracy - control_accuracy AS selectivity, chance,
+       n_test"""
+PROBES_BY_STEP = Sql(
     _with(probed=_PROBED)
-    + """
-SELECT run, step, model, layer, label, target, accuracy, control_accuracy,
-       accuracy - control_accuracy AS selectivity, chance, n_test
+    + f"""
+SELECT run, step, model, layer, label, target, {_ACCURACIES}
 FROM probed
 ORDER BY run, step NULLS LAST, model, label, target, layer
-"""
+""",
+    _with_wilson,
 )
 
 # Per (run, step, model, label, target), the layer whose probe is most accurate (ties: the
 # earliest).
-PROBE_BEST_LAYER = (
+PROBE_BEST_LAYER = Sql(
     _with(probed=_PROBED)
-    + """
-SELECT run, step, model, label, target, layer, accuracy, control_accuracy,
-       accuracy - control_accuracy AS selectivity, chance, n_test
+    + f"""
+SELECT run, step, model, label, target, layer, {_ACCURACIES}
 FROM probed
 QUALIFY row_number() OVER (
     PARTITION BY run, step, model, label, target ORDER BY accuracy DESC, layer
 ) = 1
 ORDER BY run, step NULLS LAST, model, label, target
-"""
+""",
+    _with_wilson,
 )
+
+_GROUP_COUNTS = f"""
+SELECT {RUN} AS run, step, model, count(*) FILTER (WHERE heuristic) AS n_heuristic,
+       count(*) FILTER (WHERE NOT heuristic) AS n_non_heuristic
+FROM behavior
+WHERE task = 'binding' AND step IS NOT NULL
+GROUP BY ALL
+"""
+
+
+def _peak(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+    """Per run, the step of the largest gap (ties: the earliest step), with each group's count."""
+    counts = con.execute(_GROUP_COUNTS).df()
+    both = df.dropna(subset=["heuristic_accuracy", "non_heuristic_accuracy"])
+    both = both.assign(gap=both["heuristic_accuracy"] - both["non_heuristic_accuracy"])
+    peaks = (
+        both.sort_values(["run", "gap", "step", "model"], ascending=[True, False, True, True])
+        .groupby("run")
+        .head(1)
+        .drop(columns=["programs", "n"])
+        .merge(counts, on=["run", "step", "model"], how="left")
+    )
+    return peaks.sort_values("run").reset_index(drop=True)
+
 
 # Per run, the step at which binding accuracy on heuristic programs (root on line 1 or 2, where
 # "answer the constant of line 1-2" is right) most exceeds accuracy on the others, over every
-# depth: where the shortcut leads the lookup most (ties: the earliest step). Runs whose steps
-# lack either kind of program have no row.
-SHORTCUT_PEAK = f"""
-WITH accuracy AS (
-    SELECT {RUN} AS run, step, model,
-           avg(correct::INTEGER) FILTER (WHERE heuristic) AS heuristic_accuracy,
-           avg(correct::INTEGER) FILTER (WHERE NOT heuristic) AS non_heuristic_accuracy,
-           count(*) FILTER (WHERE heuristic) AS n_heuristic,
-           count(*) FILTER (WHERE NOT heuristic) AS n_non_heuristic
-    FROM behavior
-    WHERE task = 'binding' AND step IS NOT NULL
-    GROUP BY run, step, model
+# depth: where the shortcut leads the lookup most (ties: the earliest step); each accuracy with
+# its interval over its programs (the gap, a difference of two, has none). Runs whose steps lack
+# either kind of program have no row.
+SHORTCUT_PEAK = dataclasses.replace(
+    ACCURACY_BY_STEP,
+    by=("run", "step", "model"),
+    values={
+        "heuristic_accuracy": "CASE WHEN heuristic THEN correct::INTEGER END",
+        "non_heuristic_accuracy": "CASE WHEN NOT heuristic THEN correct::INTEGER END",
+    },
+    post=_peak,
 )
-SELECT run, step, model, heuristic_accuracy, non_heuristic_accuracy,
-       heuristic_accuracy - non_heuristic_accuracy AS gap, n_heuristic, n_non_heuristic
-FROM accuracy
-WHERE heuristic_accuracy IS NOT NULL AND non_heuristic_accuracy IS NOT NULL
-QUALIFY row_number() OVER (PARTITION BY run ORDER BY gap DESC, step, model) = 1
-ORDER BY run
-"""
 
 # The root's value has moved down the chain once patching it at the second hop's right-hand side
 # (the variable the root is copied into) moves some layer's mean norm_effect above this: half of
@@ -112,32 +155,36 @@ ORDER BY run
 CHAIN_MOVE_LABEL = "ref_depth_2_rhs"
 CHAIN_MOVE_EFFECT = 0.5
 
-# Per run with CHAIN_MOVE_LABEL cells: the first step at which some layer's mean norm_effect there
-# exceeds CHAIN_MOVE_EFFECT, with the layer of its largest and that mean (ties: the earliest
-# layer); step, model, layer and mean_effect are NULL where no step does. `max_effect`: the
-# largest mean at the label over every step and layer; `steps`: the steps with cells there.
-CHAIN_MOVE = (
-    _with(
-        **_ROOT_CELLS,
-        hop=f"SELECT * FROM cells WHERE label = '{CHAIN_MOVE_LABEL}' AND mean_effect IS NOT NULL",
-        runs="""
-    SELECT run, max(mean_effect) AS max_effect, count(DISTINCT step) AS steps
-    FROM hop
-    GROUP BY run
-""",
-        moved=f"""
-    SELECT run, step, model, layer, mean_effect, n
-    FROM hop
-    WHERE mean_effect > {CHAIN_MOVE_EFFECT}
-    QUALIFY row_number() OVER (PARTITION BY run ORDER BY step, mean_effect DESC, layer) = 1
-""",
+
+def _first_move(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+    hop = df[df["mean_effect"].notna()]
+    runs = hop.groupby("run", as_index=False).agg(
+        max_effect=("mean_effect", "max"), steps=("step", "nunique")
     )
-    + """
-SELECT run, m.step, m.model, m.layer, m.mean_effect, m.n, r.max_effect, r.steps
-FROM runs AS r
-LEFT JOIN moved AS m USING (run)
-ORDER BY run
-"""
+    moved = (
+        hop[hop["mean_effect"] > CHAIN_MOVE_EFFECT]
+        .assign(_key=lambda d: -d["mean_effect"])
+        .sort_values(["run", "step", "_key", "layer"])
+        .groupby("run")
+        .head(1)
+    )
+    columns = ["step", "model", "layer", "mean_effect", "mean_effect" + LO, "mean_effect" + HI]
+    columns += ["programs", "n"]
+    out = runs.merge(moved[["run", *columns]], on="run", how="left")
+    # whole numbers stay whole where a run has no step past the threshold (NULL)
+    out = out.astype({c: "Int64" for c in ("step", "layer", "programs", "n")})
+    return out[["run", *columns, "max_effect", "steps"]].sort_values("run")
+
+
+# Per run with CHAIN_MOVE_LABEL cells: the first step at which some layer's mean norm_effect there
+# exceeds CHAIN_MOVE_EFFECT, with the layer of its largest, that mean, its interval and programs
+# (ties: the earliest layer); step, model, layer and mean_effect are NULL where no step does.
+# `max_effect`: the largest mean at the label over every step and layer; `steps`: the steps with
+# cells there.
+CHAIN_MOVE = dataclasses.replace(
+    ROOT_EFFECT_BY_STEP,
+    where=f"{ROOT_EFFECT_BY_STEP.where} AND label = '{CHAIN_MOVE_LABEL}'",
+    post=_first_move,
 )
 
 # The answer can be read off the final colon by a linear probe from the first layer whose
@@ -147,9 +194,9 @@ PROBE_ACCURACY = 0.9
 PROBE_LABEL, PROBE_TARGET = "final_colon", "answer"
 
 # Per (run, step, model) with PROBE_LABEL probes of PROBE_TARGET: the first layer whose accuracy
-# exceeds PROBE_ACCURACY, with its accuracies (NULL where no layer's does); `max_accuracy`: the
-# best layer's.
-PROBE_FIRST_LAYER = (
+# exceeds PROBE_ACCURACY, with its accuracies and interval (NULL where no layer's does);
+# `max_accuracy`: the best layer's.
+PROBE_FIRST_LAYER = Sql(
     _with(
         probed=_PROBED,
         colon=f"""
@@ -167,12 +214,13 @@ PROBE_FIRST_LAYER = (
     )
     + """
 SELECT c.run, c.step, c.model, f.layer, f.accuracy, f.control_accuracy,
-       f.accuracy - f.control_accuracy AS selectivity, c.max_accuracy
+       f.accuracy - f.control_accuracy AS selectivity, f.n_test, c.max_accuracy
 FROM checkpoints AS c
 LEFT JOIN crossing AS f
   ON c.run = f.run AND c.step IS NOT DISTINCT FROM f.step AND c.model = f.model
 ORDER BY c.run, c.step NULLS LAST, c.model
-"""
+""",
+    _with_wilson,
 )
 
 
@@ -207,10 +255,12 @@ def _checkpoints(df: pd.DataFrame) -> tuple[pd.Series, list[str]]:
 
 def accuracy_by_step(df: pd.DataFrame) -> alt.FacetChart:
     """Binding accuracy against training step (log axis), one line per referential depth (darker:
-    deeper), one column for programs with the root on line 1-2 (where the shortcut answers
-    right) and one for the others, one row per training run."""
+    deeper) over its 95% interval band, points of few programs hollow; one column (`root`) for
+    programs with the root on line 1-2 (where the shortcut answers right) and one for the
+    others, one row per training run."""
     use_theme()
-    data = df.assign(programs=df["heuristic"].map({True: "root on line 1-2", False: "root later"}))
+    _require(df, "accuracy_by_step", "accuracy_lo", "accuracy_hi", "programs")
+    data = df.assign(root=df["heuristic"].map({True: "root on line 1-2", False: "root later"}))
     depths = sorted(int(d) for d in df["depth"].unique())
     base = alt.Chart().encode(
         x=alt.X("step:Q", title="training step", scale=_step_scale(df)),
@@ -219,30 +269,26 @@ def accuracy_by_step(df: pd.DataFrame) -> alt.FacetChart:
         color=alt.Color(
             "depth:O", title="depth", scale=_ramp(depths), legend=alt.Legend(orient="bottom")
         ),
-        tooltip=[
-            "model",
-            "step",
-            "depth",
-            "programs",
-            alt.Tooltip("accuracy:Q", format=".3f"),
-            "n",
-        ],
+        tooltip=["model", "step", "depth", "root", *_interval_tooltip("accuracy")],
     )
-    return (
-        alt.layer(base.mark_line(), base.mark_point(), data=data)
+    band = _band(base, "accuracy", "accuracy")
+    chart = (
+        alt.layer(band, base.mark_line(), *_points(base, data), data=data)
         .properties(width=PANEL, height=PANEL)
         .facet(
             row=alt.Row("run:N", title=None),
-            column=alt.Column("programs:N", title=None, sort=["root on line 1-2", "root later"]),
+            column=alt.Column("root:N", title=None, sort=["root on line 1-2", "root later"]),
         )
         .properties(title="Binding accuracy across training, by chain depth")
     )
+    return subtitle(chart, [LINE_KEY])
 
 
 def root_effect_by_step(df: pd.DataFrame) -> alt.FacetChart:
     """Layer x token label of the mean normalized effect of patching the root value into the
     residual stream, one panel per checkpoint in step order (prefixed with the run where there
-    are several), on the patching heatmap's colour scale, shared by every panel."""
+    are several), on the patching heatmap's colour scale, shared by every panel (cells of few
+    programs grey)."""
     use_theme()
     panel = "step " + df["step"].astype("int64").astype(str)
     if df["run"].nunique() > 1:
@@ -250,7 +296,7 @@ def root_effect_by_step(df: pd.DataFrame) -> alt.FacetChart:
     data = df.assign(panel=panel)
     order = list(dict.fromkeys(data.sort_values(["run", "step"])["panel"]))
     return (
-        _label_heatmap(data, "step")
+        _label_heatmap(data, "step", chart="root_effect_by_step")
         .facet(facet=alt.Facet("panel:N", title=None, sort=order), columns=5)
         .properties(title="Effect of patching the root value into the residual stream, by step")
     )
@@ -258,9 +304,12 @@ def root_effect_by_step(df: pd.DataFrame) -> alt.FacetChart:
 
 def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
     """Held-out accuracy of a linear probe on the residual stream entering each layer, one line
-    per step (darker: later), one column per position label, one row per training run; the
-    control task's accuracy in grey dashes (one per step), majority-class chance dotted."""
+    per step (darker: later) over its 95% Wilson interval band over the held-out programs
+    (`programs` = `n_test`), points of few programs hollow; one column per position label, one
+    row per training run; the control task's accuracy in grey dashes (one per step),
+    majority-class chance dotted."""
     use_theme()
+    _require(df, "probes_by_step", "accuracy_lo", "accuracy_hi", "programs")
     labels, order = _checkpoints(df)
     data = df.assign(checkpoint=labels)
     title = "layer (residual stream entering it; the last: leaving the last layer)"
@@ -282,6 +331,8 @@ def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
             "label",
             "target",
             alt.Tooltip("accuracy:Q", format=".3f"),
+            alt.Tooltip("accuracy_lo:Q", format=".3f"),
+            alt.Tooltip("accuracy_hi:Q", format=".3f"),
             alt.Tooltip("control_accuracy:Q", format=".3f"),
             alt.Tooltip("chance:Q", format=".3f"),
             "n_test",
@@ -298,8 +349,10 @@ def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
         .mark_rule(color=MUTED, strokeWidth=0.75, strokeDash=[1, 2])
         .encode(y="chance:Q")
     )
-    return (
-        alt.layer(control, chance, accuracy.mark_line(), accuracy.mark_point(), data=data)
+    band = _band(accuracy, "accuracy", "probe accuracy")
+    layers = (control, chance, band, accuracy.mark_line(), *_points(accuracy, data))
+    chart = (
+        alt.layer(*layers, data=data)
         .properties(width=PANEL, height=PANEL)
         .facet(
             row=alt.Row("run:N", title=None),
@@ -312,3 +365,5 @@ def probes_by_step(df: pd.DataFrame) -> alt.FacetChart:
             "dotted: chance)"
         )
     )
+    key = f"band: 95% Wilson interval over held-out programs; hollow points: {FEW_PROGRAMS}"
+    return subtitle(chart, [key])

@@ -61,7 +61,11 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "binding", binding.generate, 1, tuple(binding.DIGITS), ("max_depth", "p_var", "n_names")
+            "binding",
+            binding.generate,
+            1,
+            tuple(binding.DIGITS),
+            ("max_depth", "p_var", "n_names", "stratify"),
         ),
         Family("range", range_loop.generate, range_loop.MIN_SEQ_LEN, range_loop.CANDIDATES),
         Family("increments", increments.generate, increments.MIN_SEQ_LEN, increments.CANDIDATES),

@@ -1,6 +1,7 @@
 """Analysis on a synthetic results folder with known values: views, aggregates, charts, CLI."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -238,7 +239,7 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
         ),
         "accuracy_by_depth": (
             {"facet": "model"},
-            {"x": "depth", "y": "accuracy", "color": "programs"},
+            {"x": "depth", "y": "accuracy", "color": "root"},
         ),
         "patching_heatmap": (
             {"row": "site", "column": "model"},
@@ -278,7 +279,8 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
         assert got == facets, name
         inner = spec["spec"]
         layers = inner.get("layer", [inner])
-        enc = layers[0]["encoding"]
+        # the first layer of data marks, past the interval band (an area) under the lines
+        enc = next(x for x in layers if _mark(x) != "area")["encoding"]
         assert {k: enc[k]["field"] for k in encodings} == encodings, name
         assert spec["config"]["axis"]["grid"] is False, "the theme is on"
         png, svg, html = charts.save(chart, tmp_path / "charts", name)
@@ -288,6 +290,11 @@ def test_charts_are_valid_files_with_the_expected_facets(run_dir, tmp_path) -> N
     heat = charts.patching_heatmap(queries.run(con, queries.HEATMAP_BY_LABEL)).to_dict()
     scale = heat["spec"]["encoding"]["color"]["scale"]
     assert scale["domainMid"] == 0 and scale["domain"][0] == -scale["domain"][1]
+
+
+def _mark(layer: dict) -> str:
+    mark = layer["mark"]
+    return mark["type"] if isinstance(mark, dict) else mark
 
 
 def kinds_table(model: str, rows: list[tuple[int, str | None]], task: str = "binding"):
@@ -366,8 +373,29 @@ def test_error_kinds_chart_and_summary(errors_dir, tmp_path) -> None:
         "line_1_2_constant",
         "other",
     ], "the kinds that occur, in priority order"
-    assert table[3].split() == ["org/a", "4", "4", "0.000", "0.250", "0.250", "0.500"]
-    assert table[4].split() == ["org/b", "2", "1", "1.000", "0.000", "0.000", "0.000"]
+    # Each share with its interval over the wrong answers, `[lo, hi]`: 0 where a kind is absent.
+    intervals = r"\[(\d\.\d\d), (\d\.\d\d)\]"
+    assert re.sub(intervals, "", table[3]).split() == [
+        "org/a",
+        "4",
+        "4",
+        "0.00",
+        "0.25",
+        "0.25",
+        "0.50",
+    ]
+    assert re.sub(intervals, "", table[4]).split() == [
+        "org/b",
+        "2",
+        "1",
+        "1.00",
+        "0.00",
+        "0.00",
+        "0.00",
+    ]
+    for share, lo, hi in re.findall(r"(\d\.\d\d) " + intervals, table[3]):
+        assert float(lo) <= float(share) <= float(hi), table[3]
+    assert "[" not in table[4], "one wrong answer: no interval"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ import pytest
 from actors.attribution import ATTRIBUTION_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import main, summary
+from analysis.db import PROGRAM_COLUMNS
 from tests.parquet_rows import write_part
 from tests.unit.test_analysis import PROGRAMS, patching_rows, programs_table
 
@@ -250,8 +251,7 @@ def test_charts_build_and_save(run_dir, tmp_path) -> None:
     rows = next(iter(spec["datasets"].values()))
     assert {r["panel"] for r in rows} == {"estimate", "exact"}
     scale = spec["spec"]["encoding"]["color"]["scale"]
-    extent = max(0.05, heat.mean_effect.abs().max())
-    assert scale["domain"] == pytest.approx([-extent, extent]) and scale["domainMid"] == 0
+    assert scale["domain"] == [-1, 1] and scale["domainMid"] == 0, "the one effect scale"
     for name, drawn in (("attribution_scatter", scatter), ("attribution_heatmap", chart)):
         png, svg, html = charts.save(drawn, tmp_path / "charts", name)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -289,6 +289,9 @@ def test_cli_writes_the_charts_and_the_agreement(run_dir, tmp_path, capsys) -> N
         "pearson",
         "k",
         "top_k_recall",
+        "top_k_recall",
+        "95%",
+        "CI",
     ]
     fields = table[2].split()  # sites in order: attn_head first; k = 2 top cells a program
     assert fields[:4] == ["org/a", "attn_head", "16", "4"] and fields[6] == "2"
@@ -354,5 +357,7 @@ def test_agreement_over_every_cell_the_run_also_patched(tmp_path) -> None:
 
 def test_the_empty_view_has_the_writers_columns(tmp_path) -> None:
     con = connect(tmp_path)
-    columns = [r[0] for r in con.execute("DESCRIBE attribution").fetchall()]
+    columns = [r[0] for r in con.execute("DESCRIBE attribution_files").fetchall()]
     assert columns == [*ATTRIBUTION_SCHEMA.names, "step"], "the writer's, then the worker's step"
+    columns = [r[0] for r in con.execute("DESCRIBE attribution").fetchall()]
+    assert columns == [*ATTRIBUTION_SCHEMA.names, "step", *PROGRAM_COLUMNS], "and the program's"

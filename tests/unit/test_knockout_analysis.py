@@ -9,6 +9,7 @@ import pytest
 from actors.knockout import KNOCKOUT_SCHEMA
 from analysis import charts, connect, queries
 from analysis.__main__ import CHARTS, main, summary
+from analysis.db import PROGRAM_COLUMNS
 from tests.parquet_rows import write_part
 from tests.unit.test_analysis import PROGRAMS, behavior_table, programs_table
 
@@ -89,8 +90,10 @@ def test_view_reads_the_files_with_their_own_model_ids(run_dir) -> None:
         "SELECT model, scope, count(*) FROM knockout GROUP BY 1, 2 ORDER BY 1, 2"
     ).fetchall()
     assert got == [("org/a", "answer", 48), ("org/a", "later", 48), ("org/b", "answer", 48)]
-    columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
+    columns = [r[0] for r in con.execute("DESCRIBE knockout_files").fetchall()]
     assert columns == [*SCHEMA.names, "step"], "the writer's columns, then the worker's step"
+    columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
+    assert columns == [*SCHEMA.names, "step", *PROGRAM_COLUMNS], "then the program's"
 
 
 def test_routing_map_keeps_right_non_heuristic_programs(run_dir) -> None:
@@ -147,7 +150,7 @@ def test_routing_map_chart(run_dir, tmp_path) -> None:
     }
     scale = enc["color"]["scale"]
     assert scale["scheme"] == charts.DIVERGING and scale["domainMid"] == 0
-    assert scale["domain"] == pytest.approx([-0.605, 0.605])  # symmetric about the largest |mean|
+    assert scale["domain"] == [-1, 1], "the patching heatmap's scale"
     panels = {row["panel"] for row in spec["datasets"][spec["data"]["name"]]}
     assert panels == {"org/a · scope: answer", "org/a · scope: later", "org/b · scope: answer"}
     assert spec["config"]["axis"]["grid"] is False, "the theme is on"
@@ -161,8 +164,19 @@ def test_cli_writes_the_routing_map_and_the_root_heads(run_dir, tmp_path, capsys
     head = out.index("knockout of the root edge (source ref_depth_1_rhs, scope answer)")
     lines = out[head:].splitlines()
     assert "programs whose top-1 is the answer (top1_correct), root not on line 1-2" in lines[0]
-    assert lines[1] == "  org/a: L0H1 -0.595 (n=2), L1H0 +0.405 (n=2), L0H0 +0.105 (n=2)"
-    assert lines[2] == "  org/b: L0H1 +0.605 (n=2), L1H0 -0.395 (n=2), L0H0 -0.095 (n=2)"
+    assert lines[1].split() == [
+        *("model", "layer", "head", "mean_effect", "mean_effect", "95%", "CI", "programs", "n")
+    ]
+    # (model, layer, head, mean_effect), then after the interval: programs, rows
+    rows = [(r.split()[:4], r.split()[-2:]) for r in lines[2:8]]
+    assert rows == [
+        (["org/a", "0", "1", "-0.595"], ["2", "2"]),
+        (["org/a", "1", "0", "0.405"], ["2", "2"]),
+        (["org/a", "0", "0", "0.105"], ["2", "2"]),
+        (["org/b", "0", "1", "0.605"], ["2", "2"]),
+        (["org/b", "1", "0", "-0.395"], ["2", "2"]),
+        (["org/b", "0", "0", "-0.095"], ["2", "2"]),
+    ]
     assert "routing_map" in {p.stem for p in (tmp_path / "c").glob("*.png")}
 
 
@@ -172,8 +186,10 @@ def test_a_run_without_a_knockout_folder_still_works(tmp_path, capsys) -> None:
     pq.write_table(programs_table(), root / "programs.parquet")
     pq.write_table(behavior_table("org/a", [True] * 4), root / "behavior" / "b.parquet")
     con = connect(root)
-    columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
+    columns = [r[0] for r in con.execute("DESCRIBE knockout_files").fetchall()]
     assert columns == [*SCHEMA.names, "step"], "the writer's columns, then the worker's step"
+    columns = [r[0] for r in con.execute("DESCRIBE knockout").fetchall()]
+    assert columns == [*SCHEMA.names, "step", *PROGRAM_COLUMNS], "then the program's"
     for sql in (queries.ROUTING_MAP, queries.TOP_ROOT_HEADS):
         assert len(queries.run(con, sql)) == 0
     assert "knockout of the root edge" not in summary(con, include_all=False)

@@ -11,7 +11,7 @@ import pytest
 
 from analysis import charts, connect, queries, trajectory
 from analysis.__main__ import CHARTS, main, summary
-from analysis.db import EMPTY
+from analysis.db import EMPTY, PROGRAM_COLUMNS
 from tests.parquet_rows import part_folder, view_schema
 from tests.unit.test_analysis import PROGRAMS, behavior_table, patching_rows, programs_table
 
@@ -211,7 +211,11 @@ def test_step_reads_null_in_old_files_and_its_value_in_new_ones(run_dir, tmp_pat
     con = connect(run_dir)
     for view in ("behavior", "patching", "probes"):
         columns = [r[0] for r in con.execute(f"DESCRIBE {view}").fetchall()]
-        assert columns[-1] == "step", view
+        # the worker's step, then what `programs` adds that the files lack
+        tail = {"behavior": ["step", "root_line"], "patching": ["step", *PROGRAM_COLUMNS]}.get(
+            view, ["step"]
+        )
+        assert columns[-len(tail) :] == tail, view
         got = dict(con.execute(f"SELECT DISTINCT model, step FROM {view}").fetchall())
         want = STEPS if view != "probes" else {m: STEPS[m] for m in COLON}
         assert got == want, view
@@ -243,12 +247,16 @@ def test_the_probes_view_has_the_writers_columns_then_the_step(tmp_path) -> None
 def test_accuracy_by_step_matches_pandas_and_leaves_out_models_without_a_step(run_dir) -> None:
     got = queries.run(connect(run_dir), trajectory.ACCURACY_BY_STEP)
     key = ["run", "step", "model", "depth", "heuristic"]
-    assert list(got.columns) == [*key, "accuracy", "n"]
+    assert list(got.columns) == [*key, "accuracy", "accuracy_lo", "accuracy_hi", "programs", "n"]
+    assert (got.programs == got.n).all(), "one behaviour row a program"
     df = frame(run_dir, "behavior")
     df = df[(df.task == "binding") & df.step.notna()]
     want = df.groupby(key).correct.agg(["mean", "size"]).set_axis(["accuracy", "n"], axis=1)
     pd.testing.assert_frame_equal(
-        got.set_index(key), want.sort_index(), check_dtype=False, check_index_type=False
+        got.set_index(key)[["accuracy", "n"]],
+        want.sort_index(),
+        check_dtype=False,
+        check_index_type=False,
     )
     assert "org/base" not in set(got.model)
     runs = dict(zip(got.model, got.run, strict=True))
@@ -268,12 +276,14 @@ def kept(root: Path) -> pd.DataFrame:
 def test_root_effect_by_step_matches_pandas(run_dir) -> None:
     got = queries.run(connect(run_dir), trajectory.ROOT_EFFECT_BY_STEP)
     key = ["run", "step", "model", "site", "layer", "label"]
-    assert list(got.columns) == [*key, "mean_effect", "n"]
+    assert list(got.columns) == [
+        *(*key, "mean_effect", "mean_effect_lo", "mean_effect_hi", "programs", "n")
+    ]
     df = kept(run_dir)
     df = df[df.step.notna()]
     want = df.groupby(key).norm_effect.agg(["mean", "count"]).set_axis(["mean_effect", "n"], axis=1)
     pd.testing.assert_frame_equal(
-        got.set_index(key).sort_index(),
+        got.set_index(key)[["mean_effect", "n"]].sort_index(),
         want.sort_index(),
         check_dtype=False,
         check_index_type=False,
@@ -292,11 +302,12 @@ def test_probes_average_shards_weighted_by_their_held_out_programs(run_dir) -> N
     key = ["run", "step", "model", "layer", "label", "target"]
     assert list(got.columns) == [
         *key,
-        "accuracy",
+        *("accuracy", "accuracy_lo", "accuracy_hi"),
         "control_accuracy",
         "selectivity",
         "chance",
         "n_test",
+        "programs",
     ]
     df = frame(run_dir, "probes")
     columns = ["accuracy", "control_accuracy", "chance"]
@@ -306,7 +317,7 @@ def test_probes_average_shards_weighted_by_their_held_out_programs(run_dir) -> N
     want.insert(2, "selectivity", want.accuracy - want.control_accuracy)
     want["n_test"] = sums.n_test
     pd.testing.assert_frame_equal(
-        got.set_index(key).sort_index(),
+        got.set_index(key)[list(want.columns)].sort_index(),
         want.sort_index(),
         check_dtype=False,
         check_index_type=False,
@@ -349,7 +360,8 @@ def test_chain_move_is_the_first_step_past_the_threshold(run_dir) -> None:
         "step",
         "model",
         "layer",
-        "mean_effect",
+        *("mean_effect", "mean_effect_lo", "mean_effect_hi"),
+        "programs",
         "n",
         "max_effect",
         "steps",
@@ -357,6 +369,7 @@ def test_chain_move_is_the_first_step_past_the_threshold(run_dir) -> None:
     traj, other = got.set_index("run").loc[["models/traj", "models/other"]].itertuples()
     # layer 1 at 0.55, its largest; layer 2's 0.45 does not cross
     assert (traj.step, traj.model, traj.layer, traj.n) == (1000, "models/traj-step1000", 1, 2)
+    assert traj.programs == 2 and traj.mean_effect_lo <= traj.mean_effect <= traj.mean_effect_hi
     assert traj.mean_effect == pytest.approx(0.55, abs=1e-6)
     assert traj.max_effect == pytest.approx(0.95, abs=1e-6) and traj.steps == 3
     assert pd.isna(other.step) and pd.isna(other.layer) and pd.isna(other.mean_effect)
@@ -384,10 +397,12 @@ def test_probe_first_layer_is_the_first_past_the_threshold(run_dir) -> None:
         "step",
         "model",
         "layer",
-        "accuracy",
+        *("accuracy", "accuracy_lo", "accuracy_hi"),
         "control_accuracy",
         "selectivity",
+        "n_test",
         "max_accuracy",
+        "programs",
     ]
     rows = [
         (r.model, None if pd.isna(r.step) else r.step, None if pd.isna(r.layer) else r.layer)
@@ -419,9 +434,10 @@ def test_accuracy_by_step_chart(run_dir, tmp_path) -> None:
     df = queries.run(connect(run_dir), trajectory.ACCURACY_BY_STEP)
     chart = trajectory.accuracy_by_step(df)
     spec = chart.to_dict()
-    assert {k: v["field"] for k, v in spec["facet"].items()} == {"row": "run", "column": "programs"}
-    line, points = spec["spec"]["layer"]
-    assert points["mark"]["type"] == "point"
+    assert {k: v["field"] for k, v in spec["facet"].items()} == {"row": "run", "column": "root"}
+    band, line, few = spec["spec"]["layer"]  # every cell of few programs: no filled points
+    assert band["mark"]["type"] == "area" and band["encoding"]["y"]["field"] == "accuracy_lo"
+    assert few["mark"]["type"] == "point" and few["mark"]["filled"] is False
     enc = line["encoding"]
     assert {k: enc[k]["field"] for k in ("x", "y", "color")} == {
         "x": "step",
@@ -433,7 +449,7 @@ def test_accuracy_by_step_chart(run_dir, tmp_path) -> None:
     assert colors == {"domain": [1, 2], "range": list(charts.SEQUENTIAL)}, "light to dark"
     rows = spec["datasets"][spec["data"]["name"]]
     assert {r["run"] for r in rows} == {"models/traj", "models/other"}
-    assert {r["programs"] for r in rows} == {"root on line 1-2", "root later"}
+    assert {r["root"] for r in rows} == {"root on line 1-2", "root later"}
     assert spec["config"]["axis"]["grid"] is False, "the theme is on"
     initial = trajectory.accuracy_by_step(df.assign(step=df.step - 250)).to_dict()
     assert initial["spec"]["layer"][0]["encoding"]["x"]["scale"] == {"type": "symlog"}, "step 0"
@@ -460,7 +476,7 @@ def test_root_effect_by_step_chart(run_dir, tmp_path) -> None:
     assert enc["x"]["sort"] == list(LABELS)
     heat = charts.patching_heatmap(traj).to_dict()["spec"]["encoding"]["color"]
     assert enc["color"] == heat, "the patching heatmap's scale"
-    assert enc["color"]["scale"]["domain"] == pytest.approx([-1.05, 1.05], abs=1e-6)
+    assert enc["color"]["scale"]["domain"] == [-1, 1], "whatever the cells' extent (1.05 here)"
     chart = trajectory.root_effect_by_step(df)
     both = chart.to_dict()["facet"]["sort"]
     assert both == [
@@ -481,8 +497,9 @@ def test_probes_by_step_chart(run_dir, tmp_path) -> None:
     spec = chart.to_dict()
     assert {k: v["field"] for k, v in spec["facet"].items()} == {"row": "run", "column": "label"}
     assert spec["facet"]["column"]["sort"] == ["ref_depth_1_rhs", "final_colon"]
-    control, chance, line, points = spec["spec"]["layer"]
-    assert points["mark"]["type"] == "point"
+    control, chance, band, line, points = spec["spec"]["layer"]  # n_test >= 10: all filled
+    assert band["mark"]["type"] == "area" and band["encoding"]["y2"]["field"] == "accuracy_hi"
+    assert points["mark"]["type"] == "point" and "filled" not in points["mark"]
     enc = line["encoding"]
     assert {k: enc[k]["field"] for k in ("x", "y", "color")} == {
         "x": "layer",
@@ -516,13 +533,11 @@ def test_cli_draws_the_trajectory_and_prints_its_tables(run_dir, tmp_path, capsy
     assert written >= TRAJECTORY
     tables = {title: out[out.index(title) :].split("\n\n")[0].splitlines() for title in TITLES}
     peak = tables["shortcut peak:"]
-    assert peak[1].split()[:6] == [
-        "run",
-        "step",
-        "model",
-        "heuristic_accuracy",
-        "non_heuristic_accuracy",
-        "gap",
+    assert peak[1].split() == [
+        *("run", "step", "model"),
+        *("heuristic_accuracy", "heuristic_accuracy", "95%", "CI"),
+        *("non_heuristic_accuracy", "non_heuristic_accuracy", "95%", "CI"),
+        *("gap", "n_heuristic", "n_non_heuristic"),
     ]
     assert peak[2].split()[:3] == ["models/other", "500", "models/other-step500"]
     assert peak[3].split()[:3] == ["models/traj", "1000", "models/traj-step1000"]
