@@ -440,26 +440,34 @@ _FOUND = f"""
     WHERE exact_place <= k
     GROUP BY {_PROGRAM}
 """
-_CORRELATIONS = _with(**_CORRELATED) + "SELECT * FROM correlation\n"
-_RECALL_K = (
-    _with(by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND)
-    + "SELECT model, site, mode(k) AS k FROM found GROUP BY model, site\n"
+
+
+def _beside(
+    correlations: str, columns: list[str], how: str
+) -> Callable[[pd.DataFrame, duckdb.DuckDBPyConnection, dict], pd.DataFrame]:
+    """A `post` that sets a (model, site) mean over programs beside the query `correlations`
+    (one row per (model, site)), joined `how`, `columns` first, by (model, site)."""
+
+    def beside(df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict) -> pd.DataFrame:
+        out = con.execute(correlations).df().merge(df.drop(columns="n"), on=KEY_SITE, how=how)
+        rest = [c for c in out.columns if c not in columns]
+        return out[columns + rest].sort_values(KEY_SITE).reset_index(drop=True)
+
+    return beside
+
+
+KEY_SITE = ["model", "site"]
+# Every (model, site) with verified cells: their number `n` and correlations, and `k`, the most
+# common k of its programs (NULL where no program has a `top` cell).
+_CORRELATIONS = (
+    _with(**_CORRELATED, by_estimate=_BY_ESTIMATE, by_exact=_BY_EXACT, found=_FOUND)
+    + """
+SELECT c.*, k.k
+FROM correlation AS c
+LEFT JOIN (SELECT model, site, mode(k) AS k FROM found GROUP BY model, site) AS k
+  USING (model, site)
+"""
 )
-
-
-def _with_correlation(
-    df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict
-) -> pd.DataFrame:
-    """Every (model, site) with verified cells: their number `n` and correlations, beside the
-    recall over `programs` (and `k`, the most common k; NULL where no program has a `top`)."""
-    correlation = con.execute(_CORRELATIONS).df()
-    k = con.execute(_RECALL_K).df()
-    recall = df.drop(columns="n").merge(k, on=["model", "site"], how="left")
-    out = correlation.merge(recall, on=["model", "site"], how="left")
-    columns = ["model", "site", "n", "programs", "spearman", "pearson", "k"]
-    rest = [c for c in out.columns if c not in columns]
-    return out[columns + rest].sort_values(["model", "site"]).reset_index(drop=True)
-
 
 # Per (model, site): verified cells, Spearman and Pearson correlation of estimate and exact, and
 # the mean top-k recall over programs, with its interval (`k`: the most common k; `programs`:
@@ -469,7 +477,9 @@ AGREEMENT = Aggregate(
     "found",
     ("model", "site"),
     {"top_k_recall": "found"},
-    post=_with_correlation,
+    post=_beside(
+        _CORRELATIONS, ["model", "site", "n", "programs", "spearman", "pearson", "k"], "left"
+    ),
 )
 
 # Every cell that the run both estimated and patched exactly (a spec with `patching` over the
@@ -510,22 +520,14 @@ _JOINED_CORRELATIONS = (
 )
 
 
-def _with_joined_correlation(
-    df: pd.DataFrame, con: duckdb.DuckDBPyConnection, params: dict
-) -> pd.DataFrame:
-    correlation = con.execute(_JOINED_CORRELATIONS).df()
-    out = correlation.merge(df.drop(columns="n"), on=["model", "site"])
-    columns = ["model", "site", "cells", "programs", "spearman", "pearson"]
-    rest = [c for c in out.columns if c not in columns]
-    return out[columns + rest].sort_values(["model", "site"]).reset_index(drop=True)
-
-
 AGREEMENT_ALL_CELLS = Aggregate(
     _with(verified=_JOINED, placed=_PLACED, found=_FOUND_10),
     "found",
     ("model", "site"),
     {"top10_in_top20": "found"},
-    post=_with_joined_correlation,
+    post=_beside(
+        _JOINED_CORRELATIONS, ["model", "site", "cells", "programs", "spearman", "pearson"], "inner"
+    ),
 )
 
 # The verified cells for the scatter, with their (model, site)'s Spearman and count.

@@ -25,7 +25,7 @@ import duckdb
 import pandas as pd
 import vl_convert
 
-from analysis.intervals import MIN_PROGRAMS
+from analysis.intervals import MIN_PROGRAMS, RESAMPLES
 from analysis.summary import Section, few_programs, figures, sections, with_intervals
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ SELECT model, task, counterfactual, reason, count(*) AS programs
 FROM skipped GROUP BY ALL ORDER BY ALL
 """
 FOOTER = (
-    "95% CI: percentile bootstrap over programs, 2000 resamples, seeded; probes: Wilson's "
+    f"95% CI: percentile bootstrap over programs, {RESAMPLES} resamples, seeded; probes: Wilson's "
     "interval over held-out programs."
 )
 # SVG so that a test can count what was drawn; no actions menu (it would add an SVG icon).

@@ -11,7 +11,7 @@ import duckdb
 import pandas as pd
 
 from analysis import charts, prompts, queries, trajectory
-from analysis.intervals import HI, LO, MIN_PROGRAMS
+from analysis.intervals import HI, LO, MIN_PROGRAMS, RESAMPLES
 from orchestrator.tasks.errors import ERROR_KINDS
 
 # The programs behind a chart, per model: `programs` it could read, `kept` by its filter.
@@ -167,10 +167,14 @@ CHARTS = {name: (f.query, f.draw) for name, f in FIGURES.items()}
 
 
 def count_line(kept: str, cover: pd.DataFrame) -> str:
-    """`<kept>: K of N`, per model where there are two or three, as a range beyond."""
+    """`<kept>: K of N` (`K` where the filter keeps all), per model where there are two or
+    three, as a range beyond."""
     if not len(cover):
         return f"{kept}: none"
-    pairs = [f"{int(r.kept)} of {int(r.programs)}" for r in cover.itertuples()]
+    pairs = [
+        f"{int(r.kept)}" if r.kept == r.programs else f"{int(r.kept)} of {int(r.programs)}"
+        for r in cover.itertuples()
+    ]
     if len(cover) == 1:
         return f"{kept}: {pairs[0]}"
     if len(cover) <= 3:
@@ -386,38 +390,32 @@ def sections(con: duckdb.DuckDBPyConnection, include_all: bool) -> list[Section]
         out.append(Section(f"top (site, layer, label) cells by mean norm_effect ({kept})", top))
     elif cover.rows_all:  # every program filtered out: say so, the prompt check says why
         out.append(Section(f"top (site, layer, label) cells: none ({kept})"))
-    controls = queries.run(con, queries.COUNTERFACTUAL_CONTROL, include_all=include_all)
-    if len(controls):
-        out.append(
-            Section(
-                "patching effect by counterfactual kind: root_value and query_swap change the "
-                "answer, the controls distractor and reassign do not, so their norm_effect (on "
-                "root_value's scale) should be ~0 "
-                f"({'all programs' if include_all else queries.KEPT_DESCRIPTION}; "
-                "max_cell_effect: the largest |mean| of a (layer, label, head) cell)",
-                controls,
-            )
-        )
-    agreement = queries.run(con, queries.AGREEMENT)
-    if len(agreement):
-        out.append(
-            Section(
-                "attribution estimate against exact patching, verified cells (top_k_recall: "
-                "share of a program's k largest |exact| within its 2k largest |estimate|, mean "
-                "over programs)",
-                agreement,
-            )
-        )
-    every = queries.run(con, queries.AGREEMENT_ALL_CELLS)
-    if len(every):
-        out.append(
-            Section(
-                "attribution estimate against this run's exact patching, every cell both cover "
-                "(top10_in_top20: share of a program's 10 largest |exact| within its 20 largest "
-                "|estimate|, mean over programs)",
-                every,
-            )
-        )
+    kinds_kept = "all programs" if include_all else queries.KEPT_DESCRIPTION
+    tables = [
+        (
+            queries.COUNTERFACTUAL_CONTROL,
+            "patching effect by counterfactual kind: root_value and query_swap change the "
+            "answer, the controls distractor and reassign do not, so their norm_effect (on "
+            f"root_value's scale) should be ~0 ({kinds_kept}; max_cell_effect: the largest "
+            "|mean| of a (layer, label, head) cell)",
+        ),
+        (
+            queries.AGREEMENT,
+            "attribution estimate against exact patching, verified cells (top_k_recall: share "
+            "of a program's k largest |exact| within its 2k largest |estimate|, mean over "
+            "programs)",
+        ),
+        (
+            queries.AGREEMENT_ALL_CELLS,
+            "attribution estimate against this run's exact patching, every cell both cover "
+            "(top10_in_top20: share of a program's 10 largest |exact| within its 20 largest "
+            "|estimate|, mean over programs)",
+        ),
+    ]
+    for query, title in tables:
+        df = queries.run(con, query, include_all=include_all)
+        if len(df):
+            out.append(Section(title, df))
     heads = root_heads(con, include_all)
     if heads:
         out.append(heads)
@@ -433,5 +431,6 @@ def summary(con: duckdb.DuckDBPyConnection, include_all: bool) -> str:
     if not parts:
         return "no results yet"
     return "\n\n".join(parts) + (
-        "\n\n95% CI: percentile bootstrap over programs (analysis/intervals.py)"
+        f"\n\n95% CI: percentile bootstrap over programs, {RESAMPLES} resamples, seeded "
+        "(analysis/intervals.py); probes: Wilson's interval over held-out programs"
     )

@@ -112,7 +112,9 @@ def check_prompts_spec(data: dict[str, Any], n: int, output: Path) -> dict[str, 
     return derived
 
 
-def check_prompts_main(args: argparse.Namespace, worker_cls: type, worker_args: tuple) -> int:
+def check_prompts_main(
+    args: argparse.Namespace, worker_cls: type | None, worker_args: tuple
+) -> int:
     """`--check-prompts N`: the derived behaviour run in a temporary folder, then the table.
 
     Returns:
@@ -205,10 +207,8 @@ def main(
     )
     from orchestrator.sweep import Sweep
 
-    if worker_cls is None:
-        from actors.worker import ModelWorker
-
-        worker_cls = ModelWorker
+    # worker_cls None: the sweep imports the actor body (torch, transformers: seconds) only once
+    # the spec has passed its checks, so that a bad spec fails at once.
     if args.check_prompts is not None:
         return check_prompts_main(args, worker_cls, worker_args)
     return Sweep(args, worker_cls, worker_args).main()

@@ -35,8 +35,6 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
     Raises:
         SpecError: a model that cannot be found, or a layer out of range.
     """
-    from transformers import AutoConfig
-
     n_layers: dict[str, int] = {}
     problems = []
     for i, model in enumerate(spec.models):
@@ -47,6 +45,8 @@ def check_models(spec: Spec, path: str | Path = "<spec>") -> dict[str, int]:
                 "save_pretrained (check the path's spelling), or a hub id"
             )
             continue
+        from transformers import AutoConfig  # after the local check: a typo fails without it
+
         try:
             config = AutoConfig.from_pretrained(model.id)
         except (OSError, ValueError) as err:

@@ -171,13 +171,18 @@ class Sweep:
 
     Args:
         args: the parsed command line.
-        worker_cls / worker_args: the actor body and its extra constructor arguments.
+        worker_cls / worker_args: the actor body (None: `actors.worker.ModelWorker`, imported
+            only once the spec has passed its checks) and its extra constructor arguments.
         quiet: print no plan, progress bar or report (`--check-prompts` prints its own);
             errors still go to stderr.
     """
 
     def __init__(
-        self, args: argparse.Namespace, worker_cls: type, worker_args: tuple, quiet: bool = False
+        self,
+        args: argparse.Namespace,
+        worker_cls: type | None,
+        worker_args: tuple,
+        quiet: bool = False,
     ) -> None:
         self.args = args
         self.worker_cls = worker_cls
@@ -270,7 +275,7 @@ class Sweep:
         if refusal:  # another driver ran a different spec here between the checks
             print(refusal, file=sys.stderr)
             return EXIT_REFUSED
-        from orchestrator.driver import Driver
+        from orchestrator.driver import Driver, default_worker
 
         # Made before any file is written, so that a signal from here on stops it cleanly.
         self.driver = Driver(
@@ -279,7 +284,7 @@ class Sweep:
             results,
             sum(plan.shards.values()),
             cluster,
-            worker_cls=self.worker_cls,
+            worker_cls=self.worker_cls or default_worker(),
             worker_args=self.worker_args,
         )
         ident = identity(spec)

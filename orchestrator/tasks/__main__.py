@@ -1,6 +1,7 @@
 """Preview programs as JSON lines.
 
 python -m orchestrator.tasks binding --seq-len 16 -n 3 --seed 0 --style paper
+python -m orchestrator.tasks binding --seq-len 8 -n 8 --stratify depth,heuristic
 """
 
 import argparse
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first program index (0)")
     parser.add_argument("--style", choices=STYLES, default="seed", help="`a = 5` or `a=5`")
     parser.add_argument("--max-depth", type=_positive, help="binding: deepest chain (1-4)")
+    parser.add_argument(
+        "--stratify",
+        help="binding: cells to balance, comma-separated (depth,heuristic), as the spec's option",
+    )
     args = parser.parse_args(argv)
     family = get_family(args.family)
     if args.seq_len < family.min_seq_len:
@@ -46,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_depth > 4:
             parser.error(f"--max-depth {args.max_depth} is too deep; the binding task has 1-4")
         options["max_depth"] = args.max_depth
+    if args.stratify is not None:
+        if args.family != "binding":
+            parser.error("--stratify applies to the binding family only")
+        options["stratify"] = [x.strip() for x in args.stratify.split(",") if x.strip()]
     if args.start < 0:
         parser.error(f"--start {args.start} must be >= 0")
-    for program in iter_programs(
-        args.family, args.seed, args.seq_len, args.n, args.start, **options
-    ):
-        sys.stdout.write(json.dumps(program.to_dict()) + "\n")
+    try:
+        for program in iter_programs(
+            args.family, args.seed, args.seq_len, args.n, args.start, **options
+        ):
+            sys.stdout.write(json.dumps(program.to_dict()) + "\n")
+    except ValueError as err:  # a bad option value: the family's message names the fix
+        parser.error(str(err))
     return 0
 
 

@@ -98,15 +98,20 @@ def patching_rows(model: str, site: str, old: bool = False) -> list[dict]:
     return rows
 
 
-@pytest.fixture
-def run_dir(tmp_path) -> Path:
-    root = tmp_path / "run"
+def write_run(root: Path) -> Path:
+    """`root` (made) with the programs, and two models' behaviour and patching rows."""
     root.mkdir()
     pq.write_table(programs_table(), root / "programs.parquet")
     for model, correct in (("org/a", [True, True, False, True]), ("org/b", [True] * 4)):
         write_part(root, "behavior", model, "binding", behavior_table(model, correct), "b1")
         for site in ("resid_pre", "attn_head"):
             write_part(root, "patching", model, site, patching_rows(model, site), "p1")
+    return root
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    root = write_run(tmp_path / "run")
     # A half-written file left by a crash, in the temporary folder: readers must not see it.
     (root / ".tmp").mkdir()
     (root / ".tmp" / "p2.parquet.abc123").write_bytes(b"PAR1 truncated")

@@ -138,6 +138,6 @@ def test_subtitle_counts_are_the_sql_counts(run_dir) -> None:  # noqa: F811
     assert lines[0] == f"{KEPT_SHORT}: {want}"
     assert lines[1] == queries.BY_LABEL_DESCRIPTION
     every = subtitle_lines(con, figure, True, df)[0]
-    assert every == "all programs: 4 of 4 (org/a), 4 of 4 (org/b)"
+    assert every == "all programs: 4 (org/a), 4 (org/b)"
     accuracy = subtitle_lines(con, FIGURES["accuracy_vs_length"], False, df)[0]
-    assert accuracy == "all programs: 4 of 4 (org/a), 4 of 4 (org/b)"
+    assert accuracy == "all programs: 4 (org/a), 4 (org/b)"

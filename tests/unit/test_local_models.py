@@ -53,3 +53,31 @@ def test_a_misspelt_local_model_fails_at_once_without_the_hub(here) -> None:
         "the path's spelling), or a hub id"
     ) in str(err.value)
     assert "models.1" not in str(err.value), "the folder that exists passes"
+
+
+def test_the_command_fails_before_importing_torch(tmp_path) -> None:
+    """The misspelt path is reported before the actor body (torch, transformers) is imported:
+    that import is most of a second-long start, so the error comes at once."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = (repo / "specs" / "quickstart.yaml").read_text()
+    assert "id: models/binding-tiny\n" in spec
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(
+        spec.replace("id: models/binding-tiny\n", "id: models/binding-tinyy\n").replace(
+            "output: results", f"output: {tmp_path / 'results'}"
+        )
+    )
+    code = (
+        "import sys; from orchestrator.__main__ import main; "
+        f"rc = main([{str(typo)!r}]); "
+        "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
+    assert "no such folder models/binding-tinyy" in out.stderr
+    assert not (tmp_path / "results").exists(), "nothing written"

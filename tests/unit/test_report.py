@@ -24,8 +24,8 @@ from analysis.__main__ import main
 from analysis.intervals import MIN_PROGRAMS
 from analysis.report import FOOTER
 from analysis.summary import few_programs, figures, sections
-from tests.parquet_rows import view_schema, write_part
-from tests.unit.test_analysis import behavior_table, patching_rows, programs_table
+from tests.parquet_rows import view_schema
+from tests.unit.test_analysis import write_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_FLAGS = [
@@ -89,13 +89,7 @@ SECTIONS = ("The run", "Summary tables", "Charts", "Failures and skips")
 def run(tmp_path) -> Path:
     """Two models' behaviour and patching rows (`test_analysis`), a spec, a run.json with one
     failed shard, and two skipped programs."""
-    root = tmp_path / "run"
-    root.mkdir()
-    pq.write_table(programs_table(), root / "programs.parquet")
-    for model, correct in (("org/a", [True, True, False, True]), ("org/b", [True] * 4)):
-        write_part(root, "behavior", model, "binding", behavior_table(model, correct), "b1")
-        for site in ("resid_pre", "attn_head"):
-            write_part(root, "patching", model, site, patching_rows(model, site), "p1")
+    root = write_run(tmp_path / "run")
     (root / "skipped").mkdir()
     skips = pa.Table.from_pylist(SKIPS, schema=view_schema("skipped"))
     pq.write_table(skips, root / "skipped" / "s1.parquet")

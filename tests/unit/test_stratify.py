@@ -117,3 +117,20 @@ def test_spec_names_a_bad_stratum(tmp_path) -> None:
     with pytest.raises(SpecError, match=r"bad\.yaml: the spec is not valid") as err:
         load_spec(bad)
     assert "tasks.0: binding: stratify names unknown stratum 'heurstic'" in str(err.value)
+
+
+def test_the_preview_cli_takes_the_option(capsys) -> None:
+    import json
+
+    from orchestrator.tasks.__main__ import main
+
+    assert main(["binding", "--seq-len", "8", "-n", "8", "--stratify", "depth,heuristic"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = list(iter_programs("binding", 0, 8, 8, stratify=["depth", "heuristic"]))
+    assert shown == [p.to_dict() for p in want]
+    assert collections.Counter((p["depth"], p["heuristic"]) for p in shown) == {
+        (d, h): 1 for d in range(1, 5) for h in (True, False)
+    }
+    with pytest.raises(SystemExit):
+        main(["binding", "--stratify", "depth,heuristc"])
+    assert "unknown stratum 'heuristc'" in capsys.readouterr().err
