@@ -10,13 +10,18 @@ are the sum and count of its rows in the cell; the point estimate is the same ra
 `w_i = 1`, the plain mean over rows. The interval is the 2.5th and 97.5th percentile of
 `RESAMPLES` such statistics (the percentile method).
 
+Where each program gives the cell one row of 0 or 1 (an accuracy, a flip rate, a share of the
+wrong answers), the mean is a proportion of programs, and the interval is Wilson's score
+interval instead: the percentile bootstrap of a proportion collapses to a point when every
+program agrees (28 of 28 right would read [1.000, 1.000]), where Wilson's says [0.879, 1.000].
+
 The draws are seeded by (`SEED`, the cell's number of programs), and programs are taken in key
 order, so the same rows give the same interval on every run and machine. A cell of one program
 has no interval (NaN), and a cell of fewer than `MIN_PROGRAMS` programs is drawn greyed on the
 charts: an interval from 3 programs is itself a guess.
 
 Probes are scored on held-out programs whose rows are not kept, only `accuracy` and `n_test`:
-their interval is Wilson's score interval for a proportion (`wilson`).
+their interval is Wilson's too.
 """
 
 import functools
@@ -39,12 +44,16 @@ LO, HI = "_lo", "_hi"
 SUM, COUNT = "__sum", "__n"
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)
 def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
     """`(resamples, n)` draw counts: row `b` says how often resample `b` drew each of `n`
     programs (each row sums to `n`). Read-only: it is shared by every cell of `n` programs."""
     rng = np.random.default_rng([seed, n])
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    kind = np.int32 if resamples * n < 2**31 else np.int64  # half the memory traffic
+    rows = n * np.arange(resamples, dtype=kind)[:, None]
+    drawn = rng.integers(0, n, size=(resamples, n), dtype=kind) + rows
+    counts = np.bincount(drawn.ravel(), minlength=resamples * n).reshape(resamples, n)
+    counts = counts.astype(np.float64)
     counts.setflags(write=False)
     return counts
 
@@ -53,8 +62,9 @@ def interval(
     sums, counts, *, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
 ) -> tuple[float, float, float]:
     """The mean over rows `sum(sums) / sum(counts)` and its percentile bootstrap interval, from
-    each program's sum and count of rows (programs in a fixed order). NaN bounds for one
-    program; all NaN for none.
+    each program's sum and count of rows (programs in a fixed order); where every program gives
+    one row of 0 or 1 (an accuracy, a flip rate), the mean is a share of programs and the
+    interval Wilson's. NaN bounds for one program; all NaN for none.
 
     Raises:
         ValueError: `sums` and `counts` differ in length, or a count is not positive.
@@ -67,14 +77,30 @@ def interval(
         return math.nan, math.nan, math.nan
     if (c <= 0).any():
         raise ValueError("every program needs at least one row (count > 0)")
-    mean = float(s.sum() / c.sum())
-    if len(s) < 2:
-        return mean, math.nan, math.nan
-    w = resample_counts(len(s), resamples, seed)
-    stats = (w @ s) / (w @ c)
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(stats, [tail, 1.0 - tail])
-    return mean, float(lo), float(hi)
+    mean, lo, hi = _cells(s[None, :], c[None, :], resamples, seed, level)
+    return float(mean[0]), float(lo[0]), float(hi[0])
+
+
+def _cells(
+    s: np.ndarray, c: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`interval` of each row of `(cells, n)` sums and counts (cells of one size): one matrix
+    product of the cells with the shared draw counts, instead of one a cell."""
+    k, n = s.shape
+    mean = s.sum(axis=1) / c.sum(axis=1)
+    lo, hi = np.full(k, np.nan), np.full(k, np.nan)
+    if n < 2:
+        return mean, lo, hi
+    share = (c == 1).all(axis=1) & ((s == 0) | (s == 1)).all(axis=1)  # Wilson's
+    if share.any():
+        lo[share], hi[share] = wilson(mean[share], np.full(share.sum(), n), level)
+    rest = ~share
+    if rest.any():
+        w = resample_counts(n, resamples, seed)
+        stats = (s[rest] @ w.T) / (c[rest] @ w.T)
+        tail = (1.0 - level) / 2.0
+        lo[rest], hi[rest] = np.quantile(stats, [tail, 1.0 - tail], axis=1)
+    return mean, lo, hi
 
 
 def summarise(
@@ -98,23 +124,40 @@ def summarise(
     if not len(partial):
         return pd.DataFrame({c: pd.Series(dtype=partial.dtypes.get(c, "float64")) for c in columns})
     ordered = partial.sort_values([*by, *unit], kind="stable", na_position="last")
-    rows = []
-    for key, cell in ordered.groupby(by, dropna=False, sort=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        for column in first:
-            row[column] = cell[column].iloc[0]
-        for i, v in enumerate(values):
-            have = cell[cell[v + COUNT] > 0]
-            mean, lo, hi = interval(have[v + SUM], have[v + COUNT])
-            row |= {v: mean, v + LO: lo, v + HI: hi}
-            if i == 0:
-                row["programs"] = len(have)
-                row["n"] = int(have[v + COUNT].sum())
-        rows.append(row)
-    out = pd.DataFrame(rows, columns=columns).astype({"programs": "int64", "n": "int64"})
+    ordered = ordered.reset_index(drop=True)
+    cell = ordered.groupby(by, dropna=False, sort=False).ngroup().to_numpy()
+    heads = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])  # each cell's first row
+    out = ordered.loc[heads, [*by, *first]].reset_index(drop=True)
+    for i, v in enumerate(values):
+        have = ordered[v + COUNT].to_numpy() > 0
+        mean, lo, hi, programs, rows = _per_cell(
+            ordered[v + SUM].to_numpy(np.float64)[have],
+            ordered[v + COUNT].to_numpy(np.float64)[have],
+            cell[have],
+            len(heads),
+        )
+        out[v], out[v + LO], out[v + HI] = mean, lo, hi
+        if i == 0:
+            out["programs"], out["n"] = programs, rows
+    out = out[columns].astype({"programs": "int64", "n": "int64"})
     # The cell's columns keep their types where no cell is NULL (a layer stays an int32).
     kept = {c: partial[c].dtype for c in [*by, *first] if out[c].notna().all()}
     return out.astype(kept)
+
+
+def _per_cell(s: np.ndarray, c: np.ndarray, cell: np.ndarray, cells: int) -> tuple[np.ndarray, ...]:
+    """Mean, interval, programs and rows of each of `cells` cells, from rows (programs) sorted
+    by `cell`; a cell without rows reads NaN and 0."""
+    mean, lo, hi = (np.full(cells, np.nan) for _ in range(3))
+    programs = np.bincount(cell, minlength=cells)
+    rows = np.bincount(cell, weights=c, minlength=cells)
+    start = np.r_[0, np.cumsum(programs)[:-1]]
+    for n in np.unique(programs[programs > 0]):
+        ids = np.flatnonzero(programs == n)
+        take = (start[ids][:, None] + np.arange(n)[None, :]).ravel()
+        m, a, b = _cells(s[take].reshape(len(ids), n), c[take].reshape(len(ids), n))
+        mean[ids], lo[ids], hi[ids] = m, a, b
+    return mean, lo, hi, programs, rows
 
 
 def wilson(p, n, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Aggregation speed: 10 million synthetic patching rows into the heatmap's cells, in DuckDB.
+"""Aggregation speed: 10 million synthetic patching rows into the heatmap's cells, in DuckDB,
+each cell with its programs and 95% bootstrap interval over them (`analysis/intervals.py`).
 
     python bench/analysis.py [--rows 10000000] [--threads 2]
 

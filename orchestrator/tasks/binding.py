@@ -132,8 +132,9 @@ def strata_cycle(
     Program `index` aims at cell `index % len(cycle)`, so any run of `len(cycle)` consecutive
     programs holds every cell once. Without `heuristic` in `stratify` the cells are the depths
     `1..D`, `D = min(max_depth, seq_len)`, with heuristic `None` (either). With it, they are the
-    heuristic cells `(1, True) .. (D, True)`, then the non-heuristic ones `(1, False) ..`, less
-    the infeasible ones: a chain's lines are distinct and run forward from its root (`chain_of`
+    non-heuristic cells `(1, False) ..`, less the infeasible ones, then the heuristic ones
+    `(1, True) .. (D, True)`: a run shorter than the cycle, or the programs past its last full
+    cycle, go to the cells that patching keeps (root after line 2) first. The infeasible cells: a chain's lines are distinct and run forward from its root (`chain_of`
     only looks before the line it resolves), and nothing else constrains them (copies may skip
     lines; a hop only needs a name other than the one it copies, and n_names >= 2), so a depth-d
     chain rooted on line r needs r + d - 1 <= seq_len, and p_var in (0, 1) makes every such
@@ -147,14 +148,13 @@ def strata_cycle(
         stratify: the `stratify` option (checked by the caller).
 
     Returns:
-        The cycle, heuristic cells first.
+        The cycle, non-heuristic cells first.
     """
     depths = range(1, min(max_depth, seq_len) + 1)
     if "heuristic" not in stratify:
         return [(d, None) for d in depths]
-    return [(d, True) for d in depths] + [
-        (d, False) for d in depths if d + HEURISTIC_LINES <= seq_len
-    ]
+    later = [(d, False) for d in depths if d + HEURISTIC_LINES <= seq_len]
+    return later + [(d, True) for d in depths]
 
 
 def _in_cell(chain: list[int], depth: int, heuristic: bool | None) -> bool:

@@ -15,12 +15,23 @@ from tests.unit.test_analysis import PROGRAMS, run_dir  # noqa: F401 (a fixture)
 
 
 def test_two_programs_by_hand() -> None:
-    # Resampling {0, 1}: means 0, 0.5, 1 with chances 1/4, 1/2, 1/4, so the 2.5th and 97.5th
+    # Resampling {0, 2}: means 0, 1, 2 with chances 1/4, 1/2, 1/4, so the 2.5th and 97.5th
     # percentiles are the ends.
-    assert interval([0.0, 1.0], [1, 1]) == (0.5, 0.0, 1.0)
+    assert interval([0.0, 2.0], [1, 1]) == (1.0, 0.0, 2.0)
     # A program of three rows at 1 and one of a row at 0: the mean over rows is 3/4 (not the
     # mean of the programs' means, 1/2); resampled, the programs stay whole: AA 1, AB 3/4, BB 0.
     assert interval([3.0, 0.0], [3, 1]) == (0.75, 0.0, 1.0)
+
+
+def test_a_share_of_programs_gets_wilsons_interval() -> None:
+    # 28 of 28 right: the bootstrap would say [1, 1]; Wilson's lower end is
+    # 28 / (28 + 1.96^2) = 0.8794.
+    mean, lo, hi = interval([1.0] * 28, [1] * 28)
+    assert (mean, hi) == (1.0, 1.0) and lo == pytest.approx(0.87938, abs=1e-4)
+    got = interval([1.0] * 50 + [0.0] * 50, [1] * 100)
+    assert got == pytest.approx((0.5, *(x[0] for x in wilson([0.5], [100]))))
+    # one row of 0/1 a program only: a program of two rows is a mean, bootstrapped
+    assert interval([1.0, 0.0, 2.0], [1, 1, 2])[1] != wilson([0.75], [3])[0][0]
 
 
 def test_degenerate_cells() -> None:
@@ -79,7 +90,28 @@ def test_summarise_per_cell() -> None:
     assert got.layer.tolist() == [0, 1] and pd.isna(got["head"][0]), "a NULL key is a cell"
     assert got.programs.tolist() == [2, 2] and got.n.tolist() == [2, 4]
     assert got.x.tolist() == [0.5, 0.75]
-    assert (got.x_lo.tolist(), got.x_hi.tolist()) == ([0.0, 0.0], [1.0, 1.0])
+    # layer 0: one 0/1 row a program, a share (Wilson's); layer 1: rows of 3 and 1, bootstrapped
+    lo, hi = wilson([0.5], [2])
+    assert (got.x_lo[0], got.x_hi[0]) == pytest.approx((lo[0], hi[0]))
+    assert (got.x_lo[1], got.x_hi[1]) == (0.0, 1.0)
+
+
+def test_cells_of_one_size_computed_together_equal_each_alone() -> None:
+    """`summarise` stacks the cells of one size into one matrix product: each cell's numbers
+    are those of `interval` on its own programs, whatever its neighbours."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for cell in range(40):
+        for program in range(int(rng.integers(1, 9))):
+            count = int(rng.integers(0, 4))  # 0: no row of x here
+            rows.append((cell, program, rng.normal() * count, count))
+    partial = pd.DataFrame(rows, columns=["cell", "program", "x__sum", "x__n"])
+    got = summarise(partial.assign(task="t", seq_len=4), ["cell"], ["x"]).set_index("cell")
+    for cell, part in partial[partial.x__n > 0].groupby("cell"):
+        want = interval(part.x__sum.to_numpy(), part.x__n.to_numpy())
+        row = got.loc[cell]
+        assert (row.x, row.x_lo, row.x_hi) == pytest.approx(want, nan_ok=True), cell
+        assert row.programs == len(part) and row.n == part.x__n.sum()
 
 
 def test_wilson_by_hand() -> None:
