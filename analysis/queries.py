@@ -1,5 +1,10 @@
 """The aggregates behind the summary and the charts, as named SQL over the views of `db.py`.
 
+Every mean is an `Aggregate`: SQL sums each program's rows per cell, and `intervals.summarise`
+turns those sums into the cell's mean, its 95% interval over programs and its program count
+(`run` returns them; `Aggregate.sql` is the same means in plain SQL). Queries whose numbers are
+not means (correlations, counts, the scatter's points) stay plain SQL.
+
 Patching aggregates read `kept`: by default only programs whose top-1 token over the whole
 vocabulary is the answer's in both the clean and the counterfactual run (`top1_correct`,
 `cf_top1_correct`), and not heuristic ones (root value on line 1 or 2), as the method says;
@@ -20,8 +25,8 @@ heatmap keeps the programs patching keeps (the same filter, over `attribution`);
 of estimate and exact reads every verified cell (`exact` not NULL), of right and wrong
 programs alike: it judges the estimate against exact patching, not the model's answer.
 
-The aggregates across a training run's checkpoints are in `trajectory.py`, built on `_with` and
-`_kept` from here.
+The aggregates across a training run's checkpoints are in `trajectory.py`, built on `_with`,
+`_kept` and `Aggregate` from here.
 """
 
 import dataclasses

@@ -41,12 +41,6 @@ from orchestrator.shards import escape_model, iter_shards, split
 from orchestrator.sink import ResultsDir
 from orchestrator.spec import Spec
 
-
-def default_worker() -> type:
-    """The actor body a sweep runs when none is given: `actors.worker.ModelWorker`."""
-    return ModelWorker
-
-
 logger = logging.getLogger(__name__)
 
 MAX_ACTOR_LOSSES = 8  # per model, before its remaining shards are recorded as failed

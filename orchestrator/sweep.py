@@ -275,8 +275,10 @@ class Sweep:
         if refusal:  # another driver ran a different spec here between the checks
             print(refusal, file=sys.stderr)
             return EXIT_REFUSED
-        from orchestrator.driver import Driver, default_worker
+        from orchestrator.driver import Driver
 
+        # None: the driver's own default, `ModelWorker` (imported with the driver, only now).
+        body = {"worker_cls": self.worker_cls} if self.worker_cls is not None else {}
         # Made before any file is written, so that a signal from here on stops it cleanly.
         self.driver = Driver(
             spec,
@@ -284,8 +286,8 @@ class Sweep:
             results,
             sum(plan.shards.values()),
             cluster,
-            worker_cls=self.worker_cls or default_worker(),
             worker_args=self.worker_args,
+            **body,
         )
         ident = identity(spec)
         run_info = {

@@ -134,13 +134,14 @@ def strata_cycle(
     `1..D`, `D = min(max_depth, seq_len)`, with heuristic `None` (either). With it, they are the
     non-heuristic cells `(1, False) ..`, less the infeasible ones, then the heuristic ones
     `(1, True) .. (D, True)`: a run shorter than the cycle, or the programs past its last full
-    cycle, go to the cells that patching keeps (root after line 2) first. The infeasible cells: a chain's lines are distinct and run forward from its root (`chain_of`
-    only looks before the line it resolves), and nothing else constrains them (copies may skip
-    lines; a hop only needs a name other than the one it copies, and n_names >= 2), so a depth-d
-    chain rooted on line r needs r + d - 1 <= seq_len, and p_var in (0, 1) makes every such
-    chain a possible draw.
-    A heuristic root (r = 1) fits every d <= D; a non-heuristic one (r >= 3) needs
-    seq_len >= d + 2. When every cell fits, depth stays `1 + index % D` as without the option.
+    cycle, go to the cells that patching keeps (root after line 2) first.
+
+    The infeasible cells: a chain's lines are distinct and run forward from its root
+    (`chain_of` only looks before the line it resolves), and nothing else constrains them
+    (copies may skip lines; a hop only needs a name other than the one it copies, and n_names
+    >= 2), so a depth-d chain rooted on line r needs r + d - 1 <= seq_len, and p_var in (0, 1)
+    makes every such chain a possible draw. A heuristic root (r = 1) fits every d <= D; a
+    non-heuristic one (r >= 3) needs seq_len >= d + 2. When every cell fits, depth stays `1 + index % D` as without the option.
 
     Args:
         seq_len: assignment lines.
