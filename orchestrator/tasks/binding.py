@@ -141,7 +141,8 @@ def strata_cycle(
     (copies may skip lines; a hop only needs a name other than the one it copies, and n_names
     >= 2), so a depth-d chain rooted on line r needs r + d - 1 <= seq_len, and p_var in (0, 1)
     makes every such chain a possible draw. A heuristic root (r = 1) fits every d <= D; a
-    non-heuristic one (r >= 3) needs seq_len >= d + 2. When every cell fits, depth stays `1 + index % D` as without the option.
+    non-heuristic one (r >= 3) needs seq_len >= d + 2. When every cell fits, depth stays
+    `1 + index % D` as without the option.
 
     Args:
         seq_len: assignment lines.
